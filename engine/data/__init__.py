@@ -1,0 +1,1 @@
+"""Data path: SAR records -> tokens -> indexed dataset -> samples."""

@@ -1,0 +1,76 @@
+"""How the engine's parameters are laid out over tensor- and pipeline-parallel ranks.
+
+One table, used by the TP layers (what a rank builds), by checkpoints and by the Hugging Face
+converters (what a rank saves and loads), so the three can never disagree.
+
+Parameter names are layout-independent and follow Hugging Face Llama without the ``model.`` prefix:
+``embed_tokens.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``,
+``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``layers.{i}.{input,post_attention}_layernorm.weight``,
+``norm.weight``, ``lm_head.weight``. ``i`` is always the global layer index, on every stage.
+"""
+from __future__ import annotations
+
+import re
+
+# Output features split over TP ranks (column parallel): shard dim 0.
+_COLUMN = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$")
+# Input features split over TP ranks (row parallel): shard dim 1.
+_ROW = re.compile(r"layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
+# Vocabulary split over TP ranks after padding: shard dim 0.
+_VOCAB = re.compile(r"(embed_tokens|lm_head)\.weight$")
+_REPLICATED = re.compile(r"(layers\.\d+\.(input|post_attention)_layernorm|norm)\.weight$")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of 128 * TP, so every TP rank holds an equal slice."""
+    multiple = VOCAB_MULTIPLE * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def tp_shard_dim(name: str) -> int | None:
+    """The dimension a parameter is split along over TP ranks, or None when replicated."""
+    if _COLUMN.search(name) or _VOCAB.search(name):
+        return 0
+    if _ROW.search(name):
+        return 1
+    if _REPLICATED.search(name):
+        return None
+    raise KeyError(f"unknown parameter name {name!r}: no tensor-parallel layout for it")
+
+
+def is_vocab_parallel(name: str) -> bool:
+    return bool(_VOCAB.search(name))
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Global layer indices held by each pipeline stage: contiguous, equal-sized."""
+    if pp < 1 or num_layers % pp:
+        raise ValueError(f"pipeline-parallel size {pp} must divide the number of layers {num_layers}")
+    per = num_layers // pp
+    return [range(s * per, (s + 1) * per) for s in range(pp)]
+
+
+def stage_of(name: str, num_layers: int, pp: int, tie_word_embeddings: bool = False) -> list[int]:
+    """Pipeline stages that hold a parameter: embeddings on the first, norm and head on the last.
+
+    With tied embeddings the last stage also holds a copy of ``embed_tokens.weight`` for its head
+    (gradients of the two copies are summed across the first and last stage, as in Megatron).
+    """
+    idx = layer_index(name)
+    if idx is not None:
+        if not 0 <= idx < num_layers:
+            raise KeyError(f"{name!r}: layer {idx} outside 0..{num_layers - 1}")
+        return [idx // (num_layers // pp)]
+    if name == "embed_tokens.weight":
+        return sorted({0, pp - 1}) if tie_word_embeddings else [0]
+    if name in ("norm.weight", "lm_head.weight"):
+        return [pp - 1]
+    raise KeyError(f"unknown parameter name {name!r}: no pipeline stage for it")
