@@ -9,5 +9,6 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13
   $PY -m pip install --quiet torch==2.13.0
 fi
 $PY -m pip install --quiet -r requirements.txt
-# No build isolation: an isolated build environment would resolve its own requirements from scratch.
-$PY -m pip install --quiet --no-build-isolation -e .
+# The C++ extension is built in place too, so tests and tools run from the checkout.
+$PY -m pip install --quiet -e .
+$PY setup.py --quiet build_ext --inplace
