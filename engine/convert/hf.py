@@ -1,0 +1,165 @@
+"""Reading Hugging Face Llama directories: config, tensor names, streamed tensors, a one-process model.
+
+A HF directory holds ``config.json`` and either ``model.safetensors`` or shards ``model-*.safetensors``
+listed by ``model.safetensors.index.json``. Tensors are read one at a time with ``safe_open`` so that
+memory never holds more than the tensor being converted.
+
+    model = load_hf_model("path/to/llama")      # engine Llama, one process, no torchrun
+    logits = model(token_ids)                   # [batch, seq] -> [batch, seq, vocab]
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+
+from engine.model.config import LlamaConfig
+from engine.model.llama import Llama, expected_shapes
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_HF_PREFIX = "model."
+# Non-parameter buffers that some older HF Llama checkpoints saved; recomputed from the config.
+_IGNORED_HF_TENSOR = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> LlamaConfig:
+    """The engine config of a HF Llama directory; unsupported fields raise errors naming them."""
+    return LlamaConfig.from_hf_dir(hf_dir)
+
+
+def hf_to_engine_name(name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``layers.0.mlp.up_proj.weight``; lm_head unchanged."""
+    if name == "lm_head.weight":
+        return name
+    if name.startswith(_HF_PREFIX):
+        return name[len(_HF_PREFIX):]
+    raise ValueError(f"tensor {name!r} is not a Hugging Face LlamaForCausalLM parameter name")
+
+
+def engine_to_hf_name(name: str) -> str:
+    """``layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj.weight``; lm_head unchanged."""
+    return name if name == "lm_head.weight" else _HF_PREFIX + name
+
+
+def expected_engine_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Full, unpadded shape of every engine parameter (no ``lm_head.weight`` when tied)."""
+    return expected_shapes(config)
+
+
+def hf_weight_files(hf_dir: str | os.PathLike) -> dict[str, str]:
+    """Map every tensor name to the safetensors file holding it, after validating the directory.
+
+    With an index: every shard it lists must exist, hold every tensor the index assigns to it, and
+    hold nothing the index does not list. Errors name the file and tensors.
+    """
+    hf_dir = os.fspath(hf_dir)
+    index_path = os.path.join(hf_dir, INDEX_FILE)
+    single_path = os.path.join(hf_dir, SINGLE_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path}: 'weight_map' must map tensor names to file names")
+        by_file: dict[str, set[str]] = {}
+        for name, file in weight_map.items():
+            if os.path.basename(file) != file:
+                raise ValueError(f"{index_path}: shard {file!r} of tensor {name!r} is not a plain file name")
+            by_file.setdefault(file, set()).add(name)
+        missing_files = sorted(f for f in by_file if not os.path.isfile(os.path.join(hf_dir, f)))
+        if missing_files:
+            raise FileNotFoundError(f"{index_path}: shard file(s) missing from {hf_dir}: {missing_files}")
+        locations = {}
+        for file, names in sorted(by_file.items()):
+            path = os.path.join(hf_dir, file)
+            present = set(_safetensors_keys(path))
+            absent = sorted(names - present)
+            if absent:
+                raise ValueError(f"{path}: tensor(s) listed in {INDEX_FILE} but absent: {absent}")
+            unlisted = sorted(present - names)
+            if unlisted:
+                raise ValueError(f"{path}: tensor(s) not listed in {INDEX_FILE} for this file: {unlisted}")
+            locations.update((name, path) for name in names)
+        return locations
+    if os.path.isfile(single_path):
+        return {name: single_path for name in _safetensors_keys(single_path)}
+    others = sorted(f for f in os.listdir(hf_dir) if f.endswith((".bin", ".pt", ".pth"))) \
+        if os.path.isdir(hf_dir) else []
+    hint = f" (found {others}: only safetensors weights are read)" if others else ""
+    raise FileNotFoundError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _safetensors_keys(path: str) -> list[str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def iter_hf_tensors(hf_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) one at a time, file by file, after validating the whole directory.
+
+    Saved rotary ``inv_freq`` buffers of old checkpoints are skipped (they are not parameters).
+    """
+    by_path: dict[str, list[str]] = {}
+    for name, path in hf_weight_files(hf_dir).items():
+        if not _IGNORED_HF_TENSOR.match(name):
+            by_path.setdefault(path, []).append(name)
+    for path, names in sorted(by_path.items()):
+        with safe_open(path, framework="pt") as f:
+            for name in sorted(names):
+                yield name, f.get_tensor(name)
+
+
+def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Llama:
+    """The engine Llama with the weights of a HF Llama directory, in this process (eval mode).
+
+    Every tensor is checked: a missing, unexpected or mis-shaped tensor is an error naming it. With
+    tied embeddings the file may or may not contain ``lm_head.weight``; when it does it must equal
+    ``model.embed_tokens.weight``.
+    """
+    config = read_hf_config(hf_dir)
+    expected = expected_engine_shapes(config)
+    state: dict[str, torch.Tensor] = {}
+    tied_head: torch.Tensor | None = None
+    unexpected: list[str] = []
+    for hf_name, tensor in iter_hf_tensors(hf_dir):
+        try:
+            name = hf_to_engine_name(hf_name)
+        except ValueError:
+            unexpected.append(hf_name)
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            tied_head = tensor  # checked against the embedding below
+            continue
+        if name not in expected:
+            unexpected.append(hf_name)
+            continue
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{hf_dir}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {expected[name]} from config.json")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    if unexpected:
+        raise ValueError(f"{hf_dir}: unexpected tensor(s) for this Llama config: {sorted(unexpected)}")
+    missing = sorted(engine_to_hf_name(n) for n in expected if n not in state)
+    if missing:
+        raise ValueError(f"{hf_dir}: missing tensor(s): {missing}")
+    if tied_head is not None:
+        embedding = state["embed_tokens.weight"]
+        if tied_head.shape != embedding.shape or not torch.equal(tied_head.to(device, dtype), embedding):
+            raise ValueError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' differs from "
+                             "'model.embed_tokens.weight'")
+
+    with torch.device("meta"):
+        model = Llama(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
