@@ -1,0 +1,610 @@
+"""Causal flash attention with grouped-query attention (GQA), forward and backward, in Triton.
+
+    out = flash_attention(q, k, v, causal=True, softmax_scale=None)
+
+q is [batch, seq, heads, head_dim]; k and v are [batch, seq, kv_heads, head_dim] with heads a multiple
+of kv_heads: query head h reads kv head h // (heads // kv_heads), and K and V are never expanded.
+Inputs may be strided views (for example slices of a fused QKV projection) as long as head_dim is the
+contiguous dimension; the strides go to the kernels, nothing is copied. The output is contiguous and
+in q's dtype. Supported: fp16 and bf16 (fp32 too, computed without TF32), head_dim 16, 32, 64 or 128,
+any sequence length (tails masked on loads and stores).
+
+Forward: one program per (query block, batch * head), online softmax in fp32 with exp2 and the scale
+folded in (softmax_scale * log2(e)). Key blocks entirely above the diagonal are never visited; the
+loop runs unmasked up to the diagonal and applies the causal / sequence-end mask only on the last
+(diagonal or tail) blocks. The log-sum-exp is kept in fp32 as [batch, heads, seq], in base 2
+(log2 of the sum of exp2 of the scaled scores), and only when a backward will need it.
+
+Backward (no atomics, deterministic): a preprocess kernel computes delta = rowsum(dO * O) in fp32;
+a dK/dV kernel runs one program per (key block, batch * kv head), loops over the query heads of its
+group and over the query blocks that are not fully masked, and keeps dK and dV in fp32 registers; a
+separate dQ kernel runs one program per (query block, batch * head) over the key blocks up to the
+diagonal. Gradients are written in the input dtype.
+
+Block sizes: small fixed tiles on CPU (the Triton interpreter, TRITON_INTERPRET=1), and on CUDA a
+short list of tile / warp / stage configurations tuned per (sequence bucket, head_dim, causal, group)
+by triton.autotune, the first entry of each list being the untuned default. Pass
+``blocks=default_blocks(...)`` (or any AttentionBlocks) to skip tuning.
+
+FLOP accounting, shared with tools/bench_kernels.py and the docs (see attention_flops): the forward
+is two matmuls (QK^T and PV), 4 * B * H * S^2 * D FLOPs, halved when causal; the backward is five
+matmuls (QK^T recomputed, dV, dP, dQ, dK), counted as 2.5x the forward.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool,
+                    backward: bool = False) -> float:
+    """FLOPs of one attention call: forward 4*B*H*S^2*D (halved when causal); backward 2.5x that."""
+    flops = 4.0 * batch * heads * seq * seq * head_dim
+    if causal:
+        flops /= 2
+    return flops * 2.5 if backward else flops
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, start, end, offs_m, offs_n,
+                  seq_len, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_ks, mask=cols[:, None] < seq_len, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vs, mask=cols[:, None] < seq_len, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_ks)
+            v = tl.load(v_ptrs + start_n * stride_vs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            keep = cols[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                     num_heads, seq_len, seq_bucket, qk_scale,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                     STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_kvh = off_h // GROUP
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    # A finite start keeps exp2(m_i - m_new) at 1 (not NaN) for a row whose first block is all masked.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        # Keys before this query block are all visible; the diagonal blocks need the mask; the
+        # blocks above the diagonal are never visited.
+        full_end = start_m * BLOCK_M
+        masked_end = tl.minimum(full_end + BLOCK_M, seq_len)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        masked_end = seq_len
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, 0, full_end,
+                                  offs_m, offs_n, seq_len, qk_scale, BLOCK_N, False, CAUSAL,
+                                  DOT_PRECISION)
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, full_end,
+                                  masked_end, offs_m, offs_n, seq_len, qk_scale, BLOCK_N, True, CAUSAL,
+                                  DOT_PRECISION)
+
+    # Rows past the sequence end can have l_i == 0; they are not stored, but must not trap.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if STORE_LSE:
+        lse = m_i + tl.math.log2(l_safe)
+        tl.store(LSE + off_bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh,
+                                stride_dob, stride_dos, stride_doh, num_heads, seq_len,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + off_bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
+                     start, end, offs_n, seq_len, qk_scale, BLOCK_M: tl.constexpr,
+                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Works on the transposed scores (keys x queries) so that dK and dV come out as [BLOCK_N, D].
+    # Query rows past the sequence end load as zeros with lse = delta = 0: their p is 1 and their
+    # dO is 0, so they add exactly nothing.
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < seq_len
+        q = tl.load(q_ptrs + start_m * stride_qs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dos, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                          stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                          stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                          num_heads, num_kv_heads, seq_len, seq_bucket, qk_scale, softmax_scale,
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    start_n = tl.program_id(0)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // num_kv_heads).to(tl.int64)
+    off_kvh = (off_bkv % num_kv_heads).to(tl.int64)
+
+    n0 = start_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < seq_len
+    # Key rows past the sequence end load as zeros; their dK / dV rows are computed but not stored.
+    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    for g in range(GROUP):
+        off_h = off_kvh * GROUP + g
+        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m0[:, None] * stride_qs + offs_d[None, :]
+        do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_dos
+                   + offs_d[None, :])
+        row_base = (off_b * num_heads + off_h) * seq_len
+        if CAUSAL:
+            # Query blocks before this key block see none of it: skipped. The ones overlapping it
+            # need the mask; the ones after it see all of it.
+            diag_end = tl.minimum(n0 + BLOCK_N, seq_len)
+            dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                      stride_qs, stride_dos, n0, diag_end, offs_n, seq_len, qk_scale,
+                                      BLOCK_M, True, DOT_PRECISION)
+            dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                      stride_qs, stride_dos, n0 + BLOCK_N, seq_len, offs_n, seq_len,
+                                      qk_scale, BLOCK_M, False, DOT_PRECISION)
+        else:
+            dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                      stride_qs, stride_dos, 0, seq_len, offs_n, seq_len, qk_scale,
+                                      BLOCK_M, False, DOT_PRECISION)
+
+    dk = dk * softmax_scale
+    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, start, end, offs_m,
+                 offs_n, seq_len, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_ks, mask=cols[:, None] < seq_len, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vs, mask=cols[:, None] < seq_len, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_ks)
+            v = tl.load(v_ptrs + start_n * stride_vs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            keep = cols[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                        stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                        stride_dqb, stride_dqs, stride_dqh,
+                        num_heads, seq_len, seq_bucket, qk_scale, softmax_scale,
+                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = (off_bh % num_heads).to(tl.int64)
+    off_kvh = off_h // GROUP
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    row_base = off_bh.to(tl.int64) * seq_len
+    # Rows past the end get lse = delta = 0 and q = dO = 0: finite values, never stored.
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        full_end = start_m * BLOCK_M
+        masked_end = tl.minimum(full_end + BLOCK_M, seq_len)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        masked_end = seq_len
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, 0, full_end, offs_m,
+                      offs_n, seq_len, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, full_end, masked_end,
+                      offs_m, offs_n, seq_len, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+
+    dq = dq * softmax_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionBlocks:
+    """Tiles and launch settings: forward (fwd_*), dK/dV (dkdv_*) and dQ (dq_*) kernels.
+
+    ``*_m`` tiles queries and ``*_n`` keys. The diagonal split needs fwd_m and dq_m to be multiples
+    of fwd_n and dq_n, and dkdv_n a multiple of dkdv_m.
+    """
+
+    fwd_m: int
+    fwd_n: int
+    fwd_warps: int
+    fwd_stages: int
+    dkdv_m: int
+    dkdv_n: int
+    dkdv_warps: int
+    dkdv_stages: int
+    dq_m: int
+    dq_n: int
+    dq_warps: int
+    dq_stages: int
+    preprocess_m: int = 64
+
+    def __post_init__(self):
+        tiles = {name: getattr(self, name) for name in
+                 ("fwd_m", "fwd_n", "dkdv_m", "dkdv_n", "dq_m", "dq_n", "preprocess_m")}
+        for name, size in tiles.items():
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"AttentionBlocks.{name}={size}: tiles must be powers of two >= 16")
+        for big, small in (("fwd_m", "fwd_n"), ("dkdv_n", "dkdv_m"), ("dq_m", "dq_n")):
+            if tiles[big] % tiles[small]:
+                raise ValueError(f"AttentionBlocks.{big}={tiles[big]} must be a multiple of "
+                                 f"{small}={tiles[small]} (causal diagonal split)")
+
+
+# (block_m, block_n, warps, stages) candidates for CUDA with 16-bit inputs, by head_dim class; the
+# first entry of each list is the default used without tuning. Forward tiles follow the usual Hopper
+# choice (128 queries x 64 keys); the dK/dV pass keeps two [block_n, head_dim] fp32 accumulators in
+# registers, so its key tile shrinks or its warp count grows at head_dim 128.
+_FWD_CANDIDATES = {
+    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
+}
+_DKDV_CANDIDATES = {
+    64: [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+    128: [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
+}
+_DQ_CANDIDATES = {
+    64: [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+}
+_INTERPRETER_BLOCKS = AttentionBlocks(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, preprocess_m=16)
+# fp32 tiles take twice the shared memory; they are for testing, not for speed.
+_FP32_CUDA_BLOCKS = AttentionBlocks(64, 32, 4, 2, 32, 64, 4, 2, 64, 32, 4, 2)
+
+
+def _head_dim_class(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128
+
+
+def default_blocks(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> AttentionBlocks:
+    """Untuned tiles: small ones for the CPU interpreter, H100-oriented ones on CUDA."""
+    if torch.device(device).type != "cuda":
+        return _INTERPRETER_BLOCKS
+    if dtype == torch.float32:
+        return _FP32_CUDA_BLOCKS
+    cls = _head_dim_class(head_dim)
+    f, kv, dq = _FWD_CANDIDATES[cls][0], _DKDV_CANDIDATES[cls][0], _DQ_CANDIDATES[cls][0]
+    return AttentionBlocks(*f, *kv, *dq)
+
+
+def _configs(candidates):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in candidates]
+
+
+# Tuned per power-of-two sequence bucket (not the exact length, so varying lengths reuse a choice).
+# Every kernel overwrites its outputs completely, so re-running it while tuning is harmless.
+_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "GROUP"]
+_FWD_TUNED = {c: triton.autotune(_configs(v), key=_TUNE_KEY)(_attn_fwd_kernel)
+              for c, v in _FWD_CANDIDATES.items()}
+_DKDV_TUNED = {c: triton.autotune(_configs(v), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+               for c, v in _DKDV_CANDIDATES.items()}
+_DQ_TUNED = {c: triton.autotune(_configs(v), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+             for c, v in _DQ_CANDIDATES.items()}
+
+
+def _launch(kernel, tuned, blocks: AttentionBlocks | None, tiles, grid_rows, grid_cols, args, kwargs):
+    """Launch with explicit tiles, or through the autotuner when blocks is None."""
+    if blocks is None:
+        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M" if tiles == "m" else "BLOCK_N"]),
+                             grid_cols)
+        tuned[grid](*args, **kwargs)
+        return
+    block_m, block_n, warps, stages = _tiles_for(blocks, kernel)
+    tile = block_m if tiles == "m" else block_n
+    kernel[(triton.cdiv(grid_rows, tile), grid_cols)](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                      num_warps=warps, num_stages=stages)
+
+
+def _tiles_for(blocks: AttentionBlocks, kernel) -> tuple[int, int, int, int]:
+    if kernel is _attn_fwd_kernel:
+        return blocks.fwd_m, blocks.fwd_n, blocks.fwd_warps, blocks.fwd_stages
+    if kernel is _attn_bwd_dkdv_kernel:
+        return blocks.dkdv_m, blocks.dkdv_n, blocks.dkdv_warps, blocks.dkdv_stages
+    return blocks.dq_m, blocks.dq_n, blocks.dq_warps, blocks.dq_stages
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must be 4-D [batch, seq, heads, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"flash_attention: {name} has dtype {t.dtype}; supported: "
+                            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got "
+                         f"{q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+    (batch, seq, heads, head_dim), kv_heads = q.shape, k.shape[2]
+    if k.shape[0] != batch or k.shape[1] != seq:
+        raise ValueError(f"flash_attention: k/v batch and seq {tuple(k.shape[:2])} differ from q's "
+                         f"{(batch, seq)}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"flash_attention: k/v head_dim {k.shape[3]} differs from q's {head_dim}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"flash_attention: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"flash_attention: head_dim {head_dim} unsupported; supported: "
+                         f"{SUPPORTED_HEAD_DIMS}")
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("flash_attention: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 "
+                           "set before importing kernels); use attention_reference on CPU otherwise")
+
+
+def _head_dim_major(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need only head_dim to be contiguous; other strides are passed through."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are computed in true fp32 (no TF32); the setting is a no-op for 16-bit inputs.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tuned_or_none(blocks: AttentionBlocks | None, q: torch.Tensor) -> AttentionBlocks | None:
+    """None means 'autotune' and is only kept for CUDA with 16-bit inputs."""
+    if blocks is not None:
+        return blocks
+    if q.device.type == "cuda" and q.dtype != torch.float32:
+        return None
+    return default_blocks(q.shape[-1], q.dtype, q.device)
+
+
+def _forward(q, k, v, causal: bool, softmax_scale: float, blocks: AttentionBlocks | None,
+             store_lse: bool):
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    out = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if store_lse else None
+    if out.numel() == 0:
+        return out, lse
+    blocks = _tuned_or_none(blocks, q)
+    args = (q, k, v, out, lse if store_lse else out, *_strides3(q), *_strides3(k), *_strides3(v),
+            *_strides3(out), heads, seq, triton.next_power_of_2(seq), softmax_scale * LOG2E)
+    kwargs = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal), STORE_LSE=store_lse,
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    _launch(_attn_fwd_kernel, _FWD_TUNED[_head_dim_class(head_dim)], blocks, "m", seq, batch * heads,
+            args, kwargs)
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
+              blocks: AttentionBlocks | None):
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    dq = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, seq, kv_heads, head_dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((batch, seq, kv_heads, head_dim), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    do = _head_dim_major(do)
+    blocks = _tuned_or_none(blocks, q)
+    delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
+    pre_m = (blocks or default_blocks(head_dim, q.dtype, q.device)).preprocess_m
+    _attn_bwd_preprocess_kernel[(triton.cdiv(seq, pre_m), batch * heads)](
+        out, do, delta, *_strides3(out), *_strides3(do), heads, seq, HEAD_DIM=head_dim, BLOCK_M=pre_m)
+
+    qk_scale = softmax_scale * LOG2E
+    common = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal),
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    seq_bucket = triton.next_power_of_2(seq)
+    cls = _head_dim_class(head_dim)
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *_strides3(q), *_strides3(k), *_strides3(v),
+                 *_strides3(do), *_strides3(dk), *_strides3(dv), heads, kv_heads, seq, seq_bucket,
+                 qk_scale, softmax_scale)
+    _launch(_attn_bwd_dkdv_kernel, _DKDV_TUNED[cls], blocks, "n", seq, batch * kv_heads, dkdv_args,
+            common)
+    dq_args = (q, k, v, do, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),
+               *_strides3(do), *_strides3(dq), heads, seq, seq_bucket, qk_scale, softmax_scale)
+    _launch(_attn_bwd_dq_kernel, _DQ_TUNED[cls], blocks, "m", seq, batch * heads, dq_args, common)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, blocks):
+        out, lse = _forward(q, k, v, causal, softmax_scale, blocks, store_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.softmax_scale, ctx.blocks = causal, softmax_scale, blocks
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.blocks)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None, *,
+                    blocks: AttentionBlocks | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, [batch, seq, heads, head_dim] in and out (see module doc).
+
+    softmax_scale defaults to 1/sqrt(head_dim). blocks=None tunes tiles on CUDA (16-bit inputs)
+    and uses fixed ones elsewhere. Without autograd (torch.no_grad, or no input requiring grad)
+    nothing is kept for a backward.
+    """
+    _check_inputs(q, k, v)
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
+    q, k, v = _head_dim_major(q), _head_dim_major(k), _head_dim_major(v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v, bool(causal), scale, blocks)
+    out, _ = _forward(q, k, v, bool(causal), scale, blocks, store_lse=False)
+    return out
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        softmax_scale: float | None = None, upcast: bool = True) -> torch.Tensor:
+    """Plain PyTorch attention with the same layout; K/V heads are expanded to the query heads.
+
+    upcast=True computes in fp32 (the reference the kernels are tested against). upcast=False keeps
+    the matmuls in the input dtype with the softmax in fp32, as a straightforward half-precision
+    implementation would (the baseline of the GPU accuracy rule). Returns q's dtype.
+    """
+    _check_shapes_only(q, k, v)
+    heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    work = torch.float32 if upcast else q.dtype
+    qh = q.to(work).transpose(1, 2)                                   # [b, h, s, d]
+    kh = k.to(work).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    vh = v.to(work).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    if causal:
+        seq = q.shape[1]
+        above = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(work)
+    return torch.matmul(probs, vh).transpose(1, 2).to(q.dtype)
+
+
+def _check_shapes_only(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention_reference: q, k, v must be 4-D, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"attention_reference: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not match")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention_reference: q heads ({q.shape[2]}) must be a multiple of k/v "
+                         f"heads ({k.shape[2]})")
