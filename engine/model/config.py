@@ -164,6 +164,10 @@ class LlamaConfig:
         for key in ("head_dim", "num_key_value_heads", "rope_theta"):
             if kwargs.get(key, 0) is None:  # HF writes null for "derive it"
                 del kwargs[key]
+        # transformers 5.x writes `rope_parameters` (with rope_theta inside); older files
+        # `rope_theta` + `rope_scaling`; some carry rope_theta inside rope_scaling too.
+        if isinstance(kwargs.get("rope_scaling"), dict) and "rope_theta" in kwargs["rope_scaling"]:
+            _merge_rope_parameters(kwargs.pop("rope_scaling"), kwargs, source)
         _merge_rope_parameters(d.get("rope_parameters"), kwargs, source)
         try:
             return cls(**kwargs)
@@ -219,8 +223,9 @@ def _merge_rope_parameters(rope_parameters: Any, kwargs: dict, source: str) -> N
                          "partial rotary embeddings are not supported")
     if params.get("rope_type", params.get("type", "default")) == "default" and len(params) <= 1:
         return
-    if kwargs.get("rope_scaling") not in (None, params):
-        raise ValueError(f"{source}: rope_scaling and rope_parameters disagree")
+    previous = kwargs.get("rope_scaling")
+    if previous is not None and (_normalise_rope_scaling(previous, 0) != _normalise_rope_scaling(params, 0)):
+        raise ValueError(f"{source}: rope_scaling={previous!r} disagrees with rope_parameters={params!r}")
     kwargs["rope_scaling"] = params
 
 
