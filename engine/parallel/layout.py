@@ -74,3 +74,38 @@ def stage_of(name: str, num_layers: int, pp: int, tie_word_embeddings: bool = Fa
     if name in ("norm.weight", "lm_head.weight"):
         return [pp - 1]
     raise KeyError(f"unknown parameter name {name!r}: no pipeline stage for it")
+
+
+def vocab_shard_range(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """[start, end) of the padded vocabulary held by ``tp_rank``; rows from ``vocab_size`` on are padding."""
+    if not 0 <= tp_rank < tp:
+        raise ValueError(f"tensor-parallel rank {tp_rank} outside 0..{tp - 1}")
+    per = padded_vocab_size(vocab_size, tp) // tp
+    return tp_rank * per, (tp_rank + 1) * per
+
+
+def tp_shard(name: str, full, tp: int, tp_rank: int):
+    """``tp_rank``'s slice of the full (unpadded) tensor of parameter ``name`` (a view where possible).
+
+    Vocabulary-parallel tensors are first padded with zero rows to :func:`padded_vocab_size`.
+    Replicated tensors are returned whole. A dimension that does not divide is an error naming it.
+    """
+    dim = tp_shard_dim(name)
+    if dim is None or tp == 1 and not is_vocab_parallel(name):
+        return full
+    if not 0 <= tp_rank < tp:
+        raise ValueError(f"tensor-parallel rank {tp_rank} outside 0..{tp - 1}")
+    if full.dim() <= dim:
+        raise ValueError(f"{name}: a tensor of shape {tuple(full.shape)} has no dimension {dim} to split")
+    if is_vocab_parallel(name):
+        start, end = vocab_shard_range(full.shape[0], tp, tp_rank)
+        shard = full[start:min(end, full.shape[0])]
+        missing = end - start - shard.shape[0]
+        if missing:
+            shard = full.new_zeros((end - start,) + tuple(full.shape[1:]))
+            shard[: end - start - missing] = full[start:min(end, full.shape[0])]
+        return shard
+    if full.shape[dim] % tp:
+        raise ValueError(f"{name}: dimension {dim} of size {full.shape[dim]} is not divisible by "
+                         f"the tensor-parallel size {tp}")
+    return full.chunk(tp, dim)[tp_rank]
