@@ -1,0 +1,390 @@
+"""SAR logs (JSON Lines, Open Bandit Dataset CSV) -> tokens -> indexed datasets for training.
+
+Outputs, for ``output_prefix`` P:
+
+- ``P.bin`` / ``P.idx``: one document (one sequence) per record or episode, tokens as
+  ``RecordEncoder`` builds them (plus EOS with ``append_eod``).
+- ``P_reward_mask.bin`` / ``.idx``: uint8, same sequence lengths, 1 on reward-label tokens: what the
+  SFT loss and the evaluation read.
+- ``P.reward_bins.json``: the reward bins used (fitted on the input, or a copy of the ones given).
+- ``P.meta.json``: tokenizer (path, vocab size, ids), counts, reward-label token ids, bad lines.
+
+Records are encoded by worker processes, ``chunk_size`` records per task, results consumed in input
+order, so the files are identical for any number of workers. A bad line stops the run with its
+file:line unless ``skip_bad_lines`` (then each is counted and listed). Everything is written under
+temporary names and renamed at the end, the main ``.idx`` last: a failed run leaves no ``.idx``.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from engine.data.indexed import IndexedDatasetBuilder, best_dtype
+from engine.data.obd import ObdOptions, is_obd_log, iter_obd_rows
+from engine.data.reward_bins import DEFAULT_NUM_BINS, RewardBins
+from engine.data.sar import REWARD_LABELS, RecordError, parse_json_line, parse_record, serialize_text
+from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
+
+META_FORMAT = "ltu-sar-dataset"
+MAX_LISTED_BAD_LINES = 10000
+MASK_SUFFIX = "_reward_mask"
+
+
+class PreprocessError(ValueError):
+    """A run that stopped: a bad line (with file:line) or unusable inputs."""
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str]                 # files, globs or directories (.jsonl and OBD log .csv)
+    output_prefix: str
+    tokenizer_model: str
+    workers: int = 1
+    append_eod: bool = False
+    skip_bad_lines: bool = False
+    reward_bins: str | None = None    # load these bins instead of fitting on the input
+    num_bins: int = DEFAULT_NUM_BINS
+    chunk_size: int = 256
+    progress: bool = True
+    obd: ObdOptions = field(default_factory=ObdOptions)
+
+
+@dataclass
+class PreprocessSummary:
+    output_prefix: str
+    records: int = 0
+    episodes: int = 0
+    steps: int = 0
+    tokens: int = 0
+    reward_tokens: int = 0
+    blank_lines: int = 0
+    bad_lines: list[dict] = field(default_factory=list)
+    num_bad_lines: int = 0
+    domains: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def format(self) -> str:
+        secs = max(self.seconds, 1e-9)
+        lines = [f"wrote {self.output_prefix}.bin/.idx and {self.output_prefix}{MASK_SUFFIX}.bin/.idx",
+                 f"  records {self.records} (episodes {self.episodes}, steps {self.steps}), tokens {self.tokens} "
+                 f"(reward tokens {self.reward_tokens})",
+                 f"  {self.records / secs:.1f} records/s, {self.tokens / secs:.1f} tokens/s in {self.seconds:.2f} s",
+                 f"  domains: " + ", ".join(f"{d}={n}" for d, n in sorted(self.domains.items())),
+                 f"  bad lines skipped: {self.num_bad_lines}, blank lines: {self.blank_lines}"]
+        lines += [f"    {b['where']}: {b['error']}" for b in self.bad_lines[:20]]
+        if self.num_bad_lines > 20:
+            lines.append(f"    ... and {self.num_bad_lines - 20} more (listed in {self.output_prefix}.meta.json)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(patterns: Iterable[str]) -> list[str]:
+    """Files named, matched by globs, or found (sorted) under directories; each listed once."""
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise PreprocessError(f"input not found: {pattern}")
+        for match in matches:
+            if os.path.isdir(match):
+                found = sorted(p for p in glob.glob(os.path.join(match, "**", "*"), recursive=True)
+                               if p.endswith(".jsonl") or is_obd_log(p))
+                if not found:
+                    raise PreprocessError(f"no .jsonl or OBD log .csv under {match}")
+                paths += found
+            else:
+                paths.append(match)
+    for path in paths:
+        if not (path.endswith(".jsonl") or path.endswith(".json") or is_obd_log(path)):
+            raise PreprocessError(f"{path}: unsupported input (JSON Lines .jsonl or an OBD log .csv)")
+    return list(dict.fromkeys(paths))
+
+
+def iter_items(paths: list[str], obd: ObdOptions, blank_counter: list[int]) -> Iterator[tuple[str, object]]:
+    """(file:line, JSON text | record dict | RecordError) for every record line of every input."""
+    for path in paths:
+        if path.endswith(".csv"):
+            yield from iter_obd_rows(path, obd)
+            continue
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield where, RecordError(where, None, f"invalid UTF-8 at byte {exc.start}")
+                    continue
+                if not line.strip():
+                    blank_counter[0] += 1
+                    continue
+                yield where, line
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parse(where: str, payload: object):
+    if isinstance(payload, RecordError):
+        raise payload
+    if isinstance(payload, str):
+        return parse_json_line(payload, where)
+    return parse_record(payload, where)
+
+
+# --------------------------------------------------------------------------- work done in workers
+
+
+def scan_chunk(chunk: list) -> list:
+    """Pass 1 (fitting bins): per item, (where, error or None, [(domain, field, value)])."""
+    out = []
+    for where, payload in chunk:
+        try:
+            record = _parse(where, payload)
+        except RecordError as exc:
+            out.append((where, str(exc), None))
+            continue
+        out.append((where, None, [(record.domain, k, v) for s in record.steps for k, v in s.reward.items()]))
+    return out
+
+
+class ChunkEncoder:
+    """Pass 2: parse, serialize and tokenize a chunk; tokens of the good records concatenated."""
+
+    def __init__(self, tokenizer_model: str, bins_json: dict, append_eod: bool, dtype: str):
+        self.encoder = RecordEncoder(Tokenizer(tokenizer_model), RewardBins.from_json(bins_json))
+        self.eod = self.encoder.tokenizer.eos_id if append_eod else None
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, chunk: list) -> tuple[np.ndarray, np.ndarray, list]:
+        tokens, masks, entries = [], [], []
+        for where, payload in chunk:
+            try:
+                record = _parse(where, payload)
+                encoded = self.encoder.encode(record)
+            except RecordError as exc:
+                entries.append(("bad", where, str(exc)))
+                continue
+            ids, mask = encoded.tokens, encoded.reward_mask()
+            if self.eod is not None:
+                ids, mask = np.append(ids, self.eod), np.append(mask, np.uint8(0))
+            tokens.append(ids.astype(self.dtype))
+            masks.append(mask)
+            entries.append(("ok", len(ids), record.domain, len(record.steps), record.episode))
+        cat = (lambda arrays, dt: np.concatenate(arrays) if arrays else np.zeros(0, dt))
+        return cat(tokens, self.dtype), cat(masks, np.uint8), entries
+
+
+_WORKER_TASK = None  # set once per worker process by _init_worker (the tokenizer is loaded there)
+
+
+def _init_worker(task_factory, args) -> None:
+    global _WORKER_TASK
+    _WORKER_TASK = task_factory(*args) if task_factory is not None else None
+
+
+def _run_task(chunk):
+    return _WORKER_TASK(chunk)
+
+
+def _ordered_map(fn, args, chunks: Iterator[list], workers: int) -> Iterator:
+    """fn(*args)(chunk) over chunks, results in input order; at most 4 chunks in flight per worker.
+
+    Pool.imap would read the whole input ahead of the workers; this keeps memory bounded.
+    """
+    if workers <= 1:
+        task = fn(*args) if args is not None else fn
+        yield from map(task, chunks)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(fn, args) if args is not None else (None, ())) as pool:
+        call = _run_task if args is not None else fn
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(call, (chunk,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _bad_line(summary: PreprocessSummary, config: PreprocessConfig, where: str, error: str) -> None:
+    if not config.skip_bad_lines:
+        raise PreprocessError(f"{error} (use --skip-bad-lines to skip and count such lines)")
+    summary.num_bad_lines += 1
+    if len(summary.bad_lines) < MAX_LISTED_BAD_LINES:
+        summary.bad_lines.append({"where": where, "error": error})
+
+
+def _fit_bins(paths: list[str], config: PreprocessConfig) -> RewardBins:
+    values: dict[tuple[str, str], list[float]] = {}
+    chunks = _chunks(iter_items(paths, config.obd, [0]), config.chunk_size)
+    for results in _ordered_map(scan_chunk, None, chunks, config.workers):
+        for where, error, rewards in results:
+            if error is not None:
+                if not config.skip_bad_lines:
+                    raise PreprocessError(f"{error} (use --skip-bad-lines to skip and count such lines)")
+                continue  # counted once, in the encoding pass
+            for domain, name, value in rewards:
+                values.setdefault((domain, name), []).append(value)
+    if not values:
+        raise PreprocessError("no valid records to fit reward bins on")
+    return RewardBins.fit(values, config.num_bins)
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    start = time.perf_counter()
+    paths = expand_inputs(config.inputs)
+    tokenizer = Tokenizer(config.tokenizer_model)
+    if config.append_eod and tokenizer.eos_id is None:
+        raise PreprocessError(f"--append-eod: {config.tokenizer_model} has no EOS token")
+    prefix = config.output_prefix
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    bins = RewardBins.load(config.reward_bins) if config.reward_bins else _fit_bins(paths, config)
+    dtype = np.dtype(best_dtype(tokenizer.vocab_size))
+    encoder = RecordEncoder(tokenizer, bins)  # validates the labels before any worker starts
+
+    tag = f".tmp-{os.getpid()}"
+    tmp_prefix, tmp_mask_prefix = prefix + tag, prefix + MASK_SUFFIX + tag
+    temps = [tmp_prefix + ".bin", tmp_prefix + ".idx", tmp_mask_prefix + ".bin", tmp_mask_prefix + ".idx",
+             f"{prefix}.reward_bins.json{tag}", f"{prefix}.meta.json{tag}"]
+    summary = PreprocessSummary(output_prefix=prefix)
+    blank = [0]
+    builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype)
+    mask_builder = IndexedDatasetBuilder(tmp_mask_prefix + ".bin", np.uint8)
+    progress = _progress(config.progress)
+    try:
+        chunks = _chunks(iter_items(paths, config.obd, blank), config.chunk_size)
+        args = (config.tokenizer_model, bins.to_json(), config.append_eod, dtype.name)
+        for tokens, masks, entries in _ordered_map(ChunkEncoder, args, chunks, config.workers):
+            offset = 0
+            for entry in entries:
+                if entry[0] == "bad":
+                    _bad_line(summary, config, entry[1], entry[2])
+                    continue
+                _, length, domain, steps, episode = entry
+                builder.add_item(tokens[offset:offset + length])
+                builder.end_document()
+                mask_builder.add_item(masks[offset:offset + length])
+                mask_builder.end_document()
+                offset += length
+                summary.records += 1
+                summary.episodes += int(episode)
+                summary.steps += steps
+                summary.tokens += length
+                summary.domains[domain] = summary.domains.get(domain, 0) + 1
+            summary.reward_tokens += int(masks.sum())
+            if progress is not None:
+                progress.update(len(entries))
+                progress.set_postfix(tok_s=f"{summary.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
+        if summary.records == 0:
+            raise PreprocessError("no valid records in the input: nothing to write")
+        summary.blank_lines = blank[0]
+        builder.finalize(tmp_prefix + ".idx")
+        mask_builder.finalize(tmp_mask_prefix + ".idx")
+        bins.save(temps[4])
+        summary.seconds = time.perf_counter() - start
+        _write_meta(temps[5], config, paths, tokenizer, encoder, dtype, summary)
+        _publish(prefix, tmp_prefix, tmp_mask_prefix, tag)
+    except BaseException:
+        builder.abort()
+        mask_builder.abort()
+        for path in temps:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(unit=" records", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+def _write_meta(path, config, paths, tokenizer, encoder, dtype, summary) -> None:
+    prefix = config.output_prefix
+    meta = {
+        "format": META_FORMAT, "version": 1,
+        "tokenizer": {"model": os.path.abspath(config.tokenizer_model), "vocab_size": tokenizer.vocab_size,
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+        "dtype": dtype.name, "append_eod": config.append_eod,
+        "reward_bins": os.path.basename(prefix) + ".reward_bins.json",
+        "reward_bins_source": os.path.abspath(config.reward_bins) if config.reward_bins else "fitted on the input",
+        "reward_mask": os.path.basename(prefix) + MASK_SUFFIX,
+        "reward_label_ids": {label: list(ids) for label, ids in zip(REWARD_LABELS, encoder.label_ids)},
+        "inputs": [os.path.abspath(p) for p in paths],
+        "counts": {"records": summary.records, "episodes": summary.episodes, "steps": summary.steps,
+                   "documents": summary.records, "tokens": summary.tokens, "reward_tokens": summary.reward_tokens,
+                   "bad_lines": summary.num_bad_lines, "blank_lines": summary.blank_lines},
+        "domains": dict(sorted(summary.domains.items())),
+        "bad_lines": summary.bad_lines,
+        "bad_lines_listed": len(summary.bad_lines),
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=1)
+        fh.write("\n")
+
+
+def _publish(prefix: str, tmp_prefix: str, tmp_mask_prefix: str, tag: str) -> None:
+    """Old indexes go first, the new main .idx comes last: no moment shows a complete-looking mix."""
+    mask_prefix = prefix + MASK_SUFFIX
+    for old in (prefix + ".idx", mask_prefix + ".idx"):
+        if os.path.exists(old):
+            os.remove(old)
+    os.replace(f"{prefix}.reward_bins.json{tag}", f"{prefix}.reward_bins.json")
+    os.replace(f"{prefix}.meta.json{tag}", f"{prefix}.meta.json")
+    os.replace(tmp_mask_prefix + ".bin", mask_prefix + ".bin")
+    os.replace(tmp_mask_prefix + ".idx", mask_prefix + ".idx")
+    os.replace(tmp_prefix + ".bin", prefix + ".bin")
+    os.replace(tmp_prefix + ".idx", prefix + ".idx")
+
+
+def train_tokenizer_on_logs(inputs: list[str], model_path: str, vocab_size: int = 8000,
+                            max_records: int = 200_000, skip_bad_lines: bool = False,
+                            obd: ObdOptions = ObdOptions(), **train_kwargs) -> tuple[Tokenizer, int]:
+    """Train a SentencePiece model on the serialized text of (at most ``max_records``) input records.
+
+    Rewards are serialized with bins fitted on the same records (labels are user-defined symbols, so
+    which label a record gets does not change the learned pieces).
+    """
+    records = []
+    for where, payload in iter_items(expand_inputs(inputs), obd, [0]):
+        try:
+            records.append(_parse(where, payload))
+        except RecordError as exc:
+            if not skip_bad_lines:
+                raise PreprocessError(f"{exc} (use --skip-bad-lines to skip such lines)") from None
+        if len(records) >= max_records:
+            break
+    if not records:
+        raise PreprocessError("no valid records to train a tokenizer on")
+    bins = RewardBins.fit_records(records)
+    texts = [serialize_text(r, bins.classify) for r in records]
+    return train_tokenizer(texts, model_path, vocab_size=vocab_size, **train_kwargs), len(records)
