@@ -40,7 +40,7 @@ const char* dtype_name(uint8_t code) {
 
 void throw_errno(const std::string& path, const std::string& action) {
     int err = errno;
-    throw SystemError(err, path, "cannot " + action + " " + path + ": " + std::strerror(err));
+    throw SystemError(err, path, "cannot " + action + ": " + std::strerror(err));
 }
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {

@@ -81,6 +81,16 @@ std::string value_text(Src v) {
     }
 }
 
+template <typename Dst>
+std::string range_text() {
+    if constexpr (std::is_integral_v<Dst>) {
+        return " (range " + std::to_string(std::numeric_limits<Dst>::min()) + ".." +
+               std::to_string(std::numeric_limits<Dst>::max()) + ")";
+    } else {
+        return " (not exactly representable)";
+    }
+}
+
 template <typename Dst, typename Src>
 void check_and_write(BufferedFd& out, const Src* src, size_t count, uint8_t code) {
     if constexpr (std::is_same_v<Dst, Src>) {
@@ -90,7 +100,7 @@ void check_and_write(BufferedFd& out, const Src* src, size_t count, uint8_t code
             if (!representable<Dst>(src[i]))
                 throw std::invalid_argument("token id " + value_text(src[i]) + " at position " +
                                             std::to_string(i) + " does not fit the dataset dtype " +
-                                            dtype_name(code));
+                                            dtype_name(code) + range_text<Dst>());
         }
         std::vector<Dst> staging(std::min(kConvertChunk, count));
         for (size_t start = 0; start < count; start += kConvertChunk) {
