@@ -235,7 +235,8 @@ py::array_t<i64> sample_pieces(const I64Array& order, const I64Array& boundaries
     return out;
 }
 
-// Separate products and differences, never fused, so Python floats give the same choices.
+// Every product, difference and quotient rounded on its own (never fused into an FMA), so Python
+// floats make the same choices.
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #define NO_FMA
@@ -245,21 +246,36 @@ py::array_t<i64> sample_pieces(const I64Array& order, const I64Array& boundaries
 #define NO_FMA
 #endif
 
+// Tijdeman's rule: among the datasets that are due (deficit >= floor) take the one whose deficit
+// would pass sigma first; if rounding leaves none due, take the largest deficit.
 NO_FMA void blend_loop(const std::vector<double>& w, i64 size, i64* dataset_index,
                        i64* dataset_sample_index) {
     const size_t n = w.size();
+    size_t positive = 0;
+    for (double x : w) positive += x > 0.0;
+    const double floor = 1.0 / static_cast<double>(2 * std::max<size_t>(positive, 2) - 2);
+    const double sigma = 1.0 - floor;
     std::vector<i64> counts(n, 0);
     for (i64 i = 0; i < size; ++i) {
         const double steps = static_cast<double>(i + 1);
-        size_t best = 0;
-        double best_deficit = w[0] * steps - static_cast<double>(counts[0]);
-        for (size_t d = 1; d < n; ++d) {
-            const double deficit = w[d] * steps - static_cast<double>(counts[d]);
-            if (deficit > best_deficit) {
-                best_deficit = deficit;
-                best = d;
+        size_t best = n, largest = 0;
+        double best_deadline = 0.0, largest_deficit = 0.0;
+        for (size_t d = 0; d < n; ++d) {
+            const double count = static_cast<double>(counts[d]);
+            const double deficit = w[d] * steps - count;
+            if (d == 0 || deficit > largest_deficit) {
+                largest_deficit = deficit;
+                largest = d;
+            }
+            if (deficit >= floor) {
+                const double deadline = (count + sigma) / w[d];
+                if (best == n || deadline < best_deadline) {
+                    best_deadline = deadline;
+                    best = d;
+                }
             }
         }
+        if (best == n) best = largest;
         dataset_index[i] = static_cast<i64>(best);
         dataset_sample_index[i] = counts[best]++;
     }
@@ -312,5 +328,5 @@ void register_sample_index(py::module_& m) {
           py::arg("document_indices"), py::arg("sequence_starts"), py::arg("sample"),
           "(pieces, 3) int64 rows of (sequence, offset, length) making up one sample.");
     m.def("blending_indices", &blending_indices, py::arg("weights"), py::arg("size"),
-          "Greedy weighted blend: (dataset index, index within that dataset), int64 each.");
+          "Weighted blend (Tijdeman's rule): (dataset index, index within that dataset), int64 each.");
 }

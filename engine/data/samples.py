@@ -42,9 +42,16 @@ Sample order (``shuffle``)
     partial last epoch starts), and the dataset shows the first ``num_samples`` entries.
 
 Blending
-    Weights are divided by their sum (summed in order). At step ``i = 0 .. size-1`` choose the
-    dataset d with the largest ``w[d] * (i + 1) - count[d]`` (float64, product then difference,
-    ties to the lowest d); record ``(d, count[d])`` and add one to ``count[d]``.
+    Weights are divided by their sum (summed in order). ``m = max(2, number of positive weights)``,
+    ``floor = 1 / (2m - 2)``, ``sigma = 1 - floor``. At step ``i = 0 .. size-1``, with ``t = i + 1``
+    and ``count[d]`` the samples taken from d so far, ``deficit[d] = w[d] * t - count[d]``. Among
+    the d with ``deficit[d] >= floor`` choose the smallest ``(count[d] + sigma) / w[d]`` (the step
+    at which its deficit would pass sigma); if there is none (only possible through rounding) choose
+    the largest deficit; ties go to the lowest d. Record ``(d, count[d])`` and add one to
+    ``count[d]``. All float64, each product, difference and quotient rounded on its own. This is
+    Tijdeman's chairman-assignment rule: ``|count[d] - w[d] * t| <= 1 - 1/(2m - 2) < 1`` at every
+    step, where choosing the largest deficit alone drifts past one sample with four or more
+    datasets.
 
 Cache
     With a ``cache_dir`` the arrays are saved as ``<key>-<name>.npy`` plus ``<key>.json`` (inputs,
@@ -68,7 +75,7 @@ import numpy as np
 from engine import _C
 
 ALGORITHM_VERSION = "ltu-gpt-sample-index/1"
-BLEND_VERSION = "ltu-greedy-blend/1"
+BLEND_VERSION = "ltu-tijdeman-blend/1"
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +349,7 @@ def blended_sample_counts(weights: Sequence[float], size: int) -> np.ndarray:
 
 
 class BlendedDataset:
-    """``size`` samples drawn from ``datasets`` in proportion to ``weights`` (greedy, no randomness).
+    """``size`` samples drawn from ``datasets`` in proportion to ``weights`` (deterministic).
 
     Each member must hold at least the samples the blend takes from it
     (``blended_sample_counts(weights, size)``); members keep their own shuffled order.
