@@ -2,11 +2,11 @@
 
 Per (domain, reward field):
 - ``binary``: every training value is 0 or 1 (booleans included): classes 0 and 1 stay as they are.
-- ``quantile``: edges are the k/num_bins quantiles (k = 1..num_bins-1, linear interpolation as
-  ``numpy.quantile``) of the training values; repeated edges (ties) are merged and edges at or above
-  the training maximum are dropped, so every class holds at least one training value. Class of v =
-  number of edges strictly below v, i.e. class k covers (edge[k-1], edge[k]]. A constant column gets
-  no edge and a single class.
+- ``quantile``: with the n training values sorted as x[0] <= ... <= x[n-1], edge k (k = 1..num_bins-1)
+  is x[floor((n-1) k / num_bins)] (the "lower" k/num_bins quantile, computed in integers so it is
+  exact); repeated edges (ties) are merged and edges equal to the maximum dropped. Class of v = number
+  of edges strictly below v, i.e. class k covers (edge[k-1], edge[k]]. Since every edge is a training
+  value, every class holds at least one training value. A constant column gets a single class.
 
 Saved as JSON beside the dataset (``<prefix>.reward_bins.json``) so that validation and test splits
 are classified with the training split's edges.
@@ -68,9 +68,9 @@ def fit_field(values: Iterable[float], num_bins: int = DEFAULT_NUM_BINS) -> Fiel
         raise ValueError("reward values must be finite")
     if np.isin(arr, (0.0, 1.0)).all():
         return FieldBins("binary", (), int(arr.size))
-    qs = np.quantile(arr, np.arange(1, num_bins) / num_bins)
-    top = arr.max()
-    edges = tuple(float(e) for e in np.unique(qs) if e < top)
+    xs = np.sort(arr)
+    positions = [(xs.size - 1) * k // num_bins for k in range(1, num_bins)]
+    edges = tuple(float(e) for e in np.unique(xs[positions]) if e < xs[-1])
     return FieldBins("quantile", edges, int(arr.size))
 
 

@@ -263,7 +263,8 @@ def serialize_segments(record: SARRecord, classify: Classifier, float_digits: in
                 cls = classify(record.domain, name, value)
             except (KeyError, ValueError) as exc:
                 prefix = f"steps[{step_index}]." if record.episode else ""
-                raise RecordError(record.where, f"{prefix}reward.{name}", str(exc)) from None
+                reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                raise RecordError(record.where, f"{prefix}reward.{name}", str(reason)) from None
             segments.append(Segment("".join(pending)))
             pending = []
             segments.append(Segment(reward_label(cls), step=step_index, field=name, label_class=cls))
