@@ -1,0 +1,273 @@
+"""Hugging Face Llama directory <-> engine checkpoint sharded over TP x PP, one tensor at a time.
+
+    import_hf("llama-hf/", "ckpt/", tp=2, pp=2)     # HF -> ckpt/iter_0000000 + ckpt/latest
+    export_hf("ckpt/", "llama-out/")                # any engine checkpoint -> HF (same logits)
+
+Both read a tensor, write its pieces and drop it before the next, so peak memory is about one full
+parameter whatever the model size. Both build their output under a hidden staging name next to the
+destination and rename it at the end: a failed conversion leaves nothing that looks complete.
+Everything wrong with the input (unsupported config field, impossible layout, missing, unexpected
+or mis-shaped tensors, a directory that is not a checkpoint) is reported by name before any output.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.convert.hf import (engine_to_hf_name, expected_engine_shapes, hf_to_engine_name, hf_weight_files,
+                               read_hf_config)
+from engine.parallel.layout import stage_of
+from engine.parallel.state import validate_layout
+from engine.train.checkpoint import (CheckpointWriter, SafetensorsWriter, canonical_order, dtype_name,
+                                     open_checkpoint, read_full_tensor, read_header, read_tensor,
+                                     shard_tensor, write_json_atomic)
+
+# Files besides the weights that make a HF directory usable: copied into the checkpoint on import
+# (under tokenizer/) and back out on export.
+HF_SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "generation_config.json")
+TOKENIZER_SUBDIR = "tokenizer"
+# Buffers that old HF Llama checkpoints saved; recomputed from the config, never converted.
+_IGNORED_HF_TENSOR = re.compile(r"\.rotary_emb\.inv_freq$")
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ConversionError(ValueError):
+    """An input that cannot be converted; the message names the file, tensor or field."""
+
+
+def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
+    if text is None or isinstance(text, torch.dtype):
+        return text
+    if text.lower() not in _DTYPES:
+        raise ConversionError(f"unknown dtype {text!r} (choose from {', '.join(_DTYPES)})")
+    return _DTYPES[text.lower()]
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000 (Hugging Face's units), ints as bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
+        if not m:
+            raise ConversionError(f"cannot read the size {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    if value <= 0:
+        raise ConversionError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _staging_for(dest: Path, force: bool) -> Path:
+    """A fresh staging directory next to ``dest``; refuses to overwrite a non-empty ``dest``."""
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not force:
+        raise ConversionError(f"{dest}: already exists and is not empty (pass force=True / --force to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, dest)
+
+
+def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
+    copied = []
+    for name in HF_SIDE_FILES:
+        for src in sources:
+            if (src / name).is_file():
+                dest.mkdir(exist_ok=True)
+                shutil.copyfile(src / name, dest / name)
+                copied.append(name)
+                break
+    return copied
+
+
+# ------------------------------------------------------------------------------------------ import
+def plan_hf_import(hf_dir: str | os.PathLike):
+    """Check a HF directory against its config.json without reading tensor data.
+
+    Returns ``(config, plan, tied_head)``: ``plan[engine_name] = (hf_name, file, TensorInfo)`` and
+    ``tied_head`` the location of a redundant ``lm_head.weight`` saved beside tied embeddings.
+    Raises ConversionError listing every missing, unexpected and mis-shaped tensor.
+    """
+    hf_dir = Path(hf_dir)
+    config = read_hf_config(hf_dir)
+    expected = expected_engine_shapes(config)
+    locations = hf_weight_files(hf_dir)
+    headers = {path: read_header(path)[0] for path in set(locations.values())}
+    plan, tied_head, unexpected, misshaped, seen = {}, None, [], [], set()
+    for hf_name, path in sorted(locations.items()):
+        if _IGNORED_HF_TENSOR.search(hf_name):
+            continue
+        info = headers[path][hf_name]
+        try:
+            name = hf_to_engine_name(hf_name)
+        except ValueError:
+            unexpected.append(hf_name)
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            tied_head = (path, info)
+        elif name not in expected:
+            unexpected.append(hf_name)
+        elif info.shape != expected[name]:
+            seen.add(name)
+            misshaped.append(f"{hf_name} {list(info.shape)} (config.json implies {list(expected[name])})")
+        else:
+            plan[name] = (hf_name, path, info)
+    missing = [engine_to_hf_name(n) for n in canonical_order(expected) if n not in plan and n not in seen]
+    problems = [f"{label}: {items}" for label, items in (
+        ("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
+        ("mis-shaped tensor(s)", misshaped)) if items]
+    if problems:
+        raise ConversionError(f"{hf_dir}: " + "; ".join(problems))
+    return config, plan, tied_head
+
+
+def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
+              dtype: str | torch.dtype | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Convert a HF Llama directory into an engine checkpoint (iteration 0) for TP=``tp`` x PP=``pp``.
+
+    ``dtype`` casts floating tensors (default: keep each tensor's dtype, so export gives the same
+    bits back). Returns the published ``iter_0000000`` directory.
+    """
+    dtype = parse_dtype(dtype)
+    config = read_hf_config(hf_dir)
+    validate_layout(config, tp, pp)  # before touching any tensor
+    config, plan, tied_head = plan_hf_import(hf_dir)
+    dtypes = {n: dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+              for n, (_, _, info) in plan.items()}
+    counts: dict[torch.dtype, int] = {}
+    for n, d in dtypes.items():
+        counts[d] = counts.get(d, 0) + (plan[n][2].end - plan[n][2].start)
+    main_dtype = max(counts, key=counts.get)
+
+    dest = Path(save_dir)
+    staging = _staging_for(dest, force)
+    writers: dict[tuple[int, int], SafetensorsWriter] = {}
+    try:
+        ckpt = CheckpointWriter(staging, 0, config, tp, pp)
+        ckpt.prepare()
+        writers = {(t, p): ckpt.model_writer(t, p, dtypes) for p in range(pp) for t in range(tp)}
+        # File order, then offset order: the input is read sequentially.
+        order = sorted(plan, key=lambda n: (str(plan[n][1]), plan[n][2].start))
+        total = sum(plan[n][2].end - plan[n][2].start for n in order)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="import", disable=not progress) as bar:
+            for name in order:
+                hf_name, path, info = plan[name]
+                tensor = read_tensor(path, info).to(dtypes[name])
+                if name == "embed_tokens.weight" and tied_head is not None:
+                    if not torch.equal(read_tensor(*tied_head).to(dtypes[name]), tensor):
+                        raise ConversionError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' "
+                                              "differs from 'model.embed_tokens.weight'")
+                for stage in stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings):
+                    for t in range(tp):
+                        writers[(t, stage)].write(name, shard_tensor(name, tensor, config, tp, t))
+                del tensor
+                bar.update(info.end - info.start)
+        for key in list(writers):
+            writers.pop(key).close()
+        source = {"hf_dir": str(Path(hf_dir).resolve())}
+        for p in range(pp):
+            for t in range(tp):
+                ckpt.write_meta(t, p, main_dtype, {"iteration": 0, "consumed_samples": 0, "source": source})
+        _copy_side_files([Path(hf_dir)], staging / TOKENIZER_SUBDIR)
+        ckpt.commit(main_dtype)
+        _publish(staging, dest)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest / ckpt.final_dir.name
+
+
+# ------------------------------------------------------------------------------------------ export
+def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int | None = None,
+              max_shard_size: str | int = "5GB", tokenizer_dir: str | os.PathLike | None = None,
+              dtype: str | torch.dtype | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Write a HF Llama directory from an engine checkpoint of any layout (``latest`` by default).
+
+    Weights go to ``model.safetensors``, or to ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json`` when larger than ``max_shard_size``; vocabulary padding is
+    removed and a tied embedding is written once. Tokenizer files are copied from ``tokenizer_dir``,
+    else from the checkpoint (``iter_N/``, ``<root>/tokenizer/``, ``<root>/``) when present.
+    """
+    dtype = parse_dtype(dtype)
+    limit = parse_size(max_shard_size)
+    ckpt = open_checkpoint(load, iteration)
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise ConversionError(f"{tokenizer_dir}: tokenizer directory does not exist")
+    names = ckpt.names()
+    out_dtype = {n: dtype if dtype is not None and ckpt.dtype(n).is_floating_point else ckpt.dtype(n)
+                 for n in names}
+    nbytes = {n: torch.Size(ckpt.full_shape(n)).numel() * out_dtype[n].itemsize for n in names}
+    shards: list[list[str]] = [[]]
+    for n in names:  # greedy, in model order; a tensor larger than the limit gets a file of its own
+        if shards[-1] and sum(nbytes[m] for m in shards[-1]) + nbytes[n] > limit:
+            shards.append([])
+        shards[-1].append(n)
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    dest = Path(hf_dir)
+    staging = _staging_for(dest, force)
+    try:
+        counts: dict[torch.dtype, int] = {}
+        for n in names:
+            counts[out_dtype[n]] = counts.get(out_dtype[n], 0) + nbytes[n]
+        config = ckpt.config.to_hf_dict()
+        config["torch_dtype"] = config["dtype"] = dtype_name(max(counts, key=counts.get))
+        write_json_atomic(staging / "config.json", config)
+        weight_map = {}
+        with tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc="export",
+                  disable=not progress) as bar:
+            for file, shard in zip(files, shards):
+                specs = {engine_to_hf_name(n): (out_dtype[n], ckpt.full_shape(n)) for n in shard}
+                with SafetensorsWriter(staging / file, specs, {"format": "pt"}) as w:
+                    for n in shard:
+                        w.write(engine_to_hf_name(n), read_full_tensor(ckpt, n).to(out_dtype[n]))
+                        weight_map[engine_to_hf_name(n)] = file
+                        bar.update(nbytes[n])
+        if len(files) > 1:
+            write_json_atomic(staging / "model.safetensors.index.json",
+                              {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map})
+        sources = [Path(tokenizer_dir)] if tokenizer_dir is not None else \
+            [ckpt.path, ckpt.root / TOKENIZER_SUBDIR, ckpt.root]
+        _copy_side_files(sources, staging)
+        _publish(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def describe(path: str | os.PathLike) -> str:
+    """One paragraph about a checkpoint: iteration, layout, model size (for the CLI)."""
+    ckpt = open_checkpoint(path)
+    params = sum(torch.Size(ckpt.full_shape(n)).numel() for n in ckpt.names())
+    c = ckpt.config
+    return (f"{ckpt.path}: iteration {ckpt.iteration}, TP={ckpt.tp} x PP={ckpt.pp}, "
+            f"{params / 1e6:.1f}M parameters, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"heads {c.num_attention_heads}/{c.num_key_value_heads}, vocab {c.vocab_size} "
+            f"(padded {ckpt.padded_vocab_size}), dtype {ckpt.info.get('dtype')}")
+
+
+__all__ = ["ConversionError", "import_hf", "export_hf", "plan_hf_import", "parse_size", "parse_dtype",
+           "describe", "HF_SIDE_FILES"]

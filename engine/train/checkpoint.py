@@ -1,0 +1,725 @@
+"""Engine checkpoints: a directory per iteration, one file set per (TP, PP) rank, resharding on load.
+
+    <root>/latest                                  iteration number of the newest complete checkpoint
+    <root>/iter_0000100/checkpoint.json            layout, config, iteration, file sets (written last)
+    <root>/iter_0000100/mp_rank_TT_PPP/model.safetensors   local shards under global parameter names
+    <root>/iter_0000100/mp_rank_TT_PPP/meta.json           config, layout, rank, and the caller's state
+    <root>/iter_0000100/mp_rank_TT_PPP/optim_dp_DDD.{safetensors,json}   optimizer state (optional)
+
+Parameter names and shards follow :mod:`engine.parallel.layout`; vocab-parallel tensors are stored
+padded to ``padded_vocab_size(vocab, TP)``. A save builds ``iter_N.saving/``, renames it to ``iter_N/``
+once every rank's files and ``checkpoint.json`` are written, and only then replaces ``latest``, so a
+crash leaves the previous checkpoint or the new one, never a partial one that looks complete.
+Tensors are safetensors, everything else JSON: nothing here unpickles.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+import torch
+
+from engine.convert.hf import expected_engine_shapes
+from engine.model.config import LlamaConfig
+from engine.parallel.layout import is_vocab_parallel, padded_vocab_size, stage_of, tp_shard_dim
+from engine.parallel.state import validate_layout
+
+FORMAT = "ltu-engine-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_JSON = "checkpoint.json"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, of another model, or inconsistent; names the cause."""
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def optimizer_file_names(dp_rank: int) -> tuple[str, str]:
+    return f"optim_dp_{dp_rank:03d}.safetensors", f"optim_dp_{dp_rank:03d}.json"
+
+
+# ------------------------------------------------------------- safetensors, streamed tensor by tensor
+# Our own reader and writer of the safetensors format (files stay readable by the safetensors
+# library): reads use plain file reads, not mmap, so pages of a large file do not pile up in the
+# process's resident memory; writes lay out the header first and fill tensors in any order.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_CHUNK = 64 << 20
+_MAX_HEADER = 100 << 20
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this machine is not")
+
+
+class TensorInfo(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor names, dtypes, shapes and offsets of a safetensors file, validated against its size."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    infos = {}
+    for name, entry in header.items():
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r}: unsupported or malformed header entry {entry!r}") from None
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or 8 + n + end > size:
+            raise ValueError(f"{path}: tensor {name!r}: offsets {[begin, end]} do not fit "
+                             f"{entry['dtype']}{list(shape)} in a file of {size} bytes")
+        infos[name] = TensorInfo(dtype, shape, 8 + n + begin, 8 + n + end)
+    return infos, metadata
+
+
+def read_tensor(path: str | os.PathLike, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor straight into a fresh tensor (no mmap, no intermediate copy)."""
+    _check_little_endian()
+    out = torch.empty(info.shape, dtype=info.dtype)
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:done + _CHUNK])
+            if not got:
+                raise ValueError(f"{path}: file ends inside a tensor at byte {info.start + done}")
+            done += got
+    return out
+
+
+class SafetensorsWriter:
+    """A safetensors file whose tensors are declared up front and written one at a time, in any
+    order: a file larger than memory is produced holding one tensor at a time.
+
+    Use as a context manager: leaving with an exception deletes the file; leaving normally checks
+    that every declared tensor was written, then flushes and fsyncs.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        _check_little_endian()
+        self.path = Path(path)
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        self._slots: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        offset = 0
+        for name, (dtype, shape) in specs.items():
+            if dtype not in _ST_NAMES:
+                raise ValueError(f"{self.path}: tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._slots[name] = (dtype, tuple(shape), offset)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as the format recommends
+        self._base = 8 + len(raw)
+        self.nbytes = offset
+        self._pending = set(self._slots)
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._slots:
+            raise ValueError(f"{self.path}: tensor {name!r} was not declared for this file")
+        dtype, shape, offset = self._slots[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, "
+                             f"declared {dtype}{list(shape)}")
+        if name not in self._pending:
+            raise ValueError(f"{self.path}: tensor {name!r} written twice")
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(self._base + offset)
+        for i in range(0, len(data), _CHUNK):
+            self._file.write(data[i:i + _CHUNK])
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            self.abort()
+            raise ValueError(f"{self.path}: tensor(s) declared but never written: {sorted(self._pending)}")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ------------------------------------------------------- JSON form of states (RNG, optimizer, loader)
+def encode_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, key: str = "state") -> Any:
+    """JSON-able form of nested dicts, lists, tuples, scalars, tensors and numpy arrays.
+
+    Tensors are moved into ``tensors`` under a path-like key when it is given (optimizer moments),
+    else inlined as base64 (small things: RNG states). Non-string dict keys and tuples survive.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        if tensors is not None:
+            tensors[key] = t
+            return {"__tensor__": key}
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"__tensor_b64__": base64.b64encode(raw).decode(), "dtype": _ST_NAMES[t.dtype], "shape": list(t.shape)}
+    if isinstance(obj, np.ndarray):
+        arr = np.ascontiguousarray(obj)
+        return {"__ndarray__": base64.b64encode(arr.tobytes()).decode(), "dtype": arr.dtype.str, "shape": list(arr.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode_state(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {"__items__": [[encode_state(k), encode_state(v, tensors, f"{key}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    raise TypeError(f"cannot store a {type(obj).__name__} (at {key}) in a checkpoint")
+
+
+def decode_state(obj: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> Any:
+    """Inverse of :func:`encode_state`."""
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        if tensors is None or obj["__tensor__"] not in tensors:
+            raise CheckpointError(f"state refers to tensor {obj['__tensor__']!r}, absent from its safetensors file")
+        return tensors[obj["__tensor__"]]
+    if "__tensor_b64__" in obj:
+        raw = bytearray(base64.b64decode(obj["__tensor_b64__"]))
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return flat.view(_ST_DTYPES[obj["dtype"]]).reshape(obj["shape"])
+    if "__ndarray__" in obj:
+        raw = base64.b64decode(obj["__ndarray__"])
+        return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+    if "__tuple__" in obj:
+        return tuple(decode_state(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {decode_state(k): decode_state(v, tensors) for k, v in obj["__items__"]}
+    return {k: decode_state(v, tensors) for k, v in obj.items()}
+
+
+# ----------------------------------------------------------------------------- layout of the shards
+def canonical_order(names) -> list[str]:
+    """Embedding, layers by global index, final norm, head: the order files and iterations use."""
+    def key(name: str):
+        if name.startswith("layers."):
+            return (1, int(name.split(".")[1]), name)
+        return ({"embed_tokens.weight": 0, "norm.weight": 2}.get(name, 3), 0, name)
+    return sorted(names, key=key)
+
+
+def stage_names(config: LlamaConfig, pp: int, pp_rank: int) -> list[str]:
+    """Names of the parameters that pipeline stage ``pp_rank`` holds (tied copy included)."""
+    return [n for n in canonical_order(expected_engine_shapes(config))
+            if pp_rank in stage_of(n, config.num_hidden_layers, pp, config.tie_word_embeddings)]
+
+
+def local_shape(name: str, full_shape: tuple[int, ...], config: LlamaConfig, tp: int) -> tuple[int, ...]:
+    """Shape of one TP rank's shard of a parameter whose full, unpadded shape is ``full_shape``."""
+    shape = list(full_shape)
+    if is_vocab_parallel(name):
+        shape[0] = padded_vocab_size(config.vocab_size, tp)
+    dim = tp_shard_dim(name)
+    if dim is not None:
+        shape[dim] //= tp
+    return tuple(shape)
+
+
+def expected_rank_shapes(config: LlamaConfig, tp: int, pp: int, pp_rank: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor a (any TP rank, PP rank ``pp_rank``) file set holds, with its local shape."""
+    full = expected_engine_shapes(config)
+    return {n: local_shape(n, full[n], config, tp) for n in stage_names(config, pp, pp_rank)}
+
+
+def shard_tensor(name: str, full: torch.Tensor, config: LlamaConfig, tp: int, tp_rank: int) -> torch.Tensor:
+    """TP rank ``tp_rank``'s shard of a full, unpadded parameter (vocab padded with zero rows)."""
+    if is_vocab_parallel(name):
+        pad = padded_vocab_size(config.vocab_size, tp) - full.shape[0]
+        if pad:
+            full = torch.cat([full, full.new_zeros((pad, *full.shape[1:]))])
+    dim = tp_shard_dim(name)
+    return full if dim is None else full.chunk(tp, dim)[tp_rank]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file, fsync it, then os.replace it into place."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------------------- saving
+class CheckpointWriter:
+    """Builds ``iter_N`` in ``iter_N.saving``; :meth:`commit` checks it, publishes it, then ``latest``.
+
+    Several processes may write file sets into the same writer's directory (see
+    :func:`save_checkpoint_distributed`); exactly one calls :meth:`prepare` before and :meth:`commit`
+    after all of them.
+    """
+
+    def __init__(self, root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int, pp: int):
+        if not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"iteration must be a non-negative integer, got {iteration!r}")
+        validate_layout(config, tp, pp)
+        self.root, self.iteration, self.config, self.tp, self.pp = Path(root), iteration, config, tp, pp
+        self.final_dir = self.root / iteration_dir_name(iteration)
+        self.tmp_dir = self.root / (iteration_dir_name(iteration) + ".saving")
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp)
+
+    def prepare(self) -> None:
+        """Create an empty ``iter_N.saving`` (a leftover of a crashed save is discarded)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _rank_dir(self, tp_rank: int, pp_rank: int) -> Path:
+        if not (0 <= tp_rank < self.tp and 0 <= pp_rank < self.pp):
+            raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside the layout TP={self.tp} x PP={self.pp}")
+        path = self.tmp_dir / rank_dir_name(tp_rank, pp_rank)
+        path.mkdir(exist_ok=True)
+        return path
+
+    def model_writer(self, tp_rank: int, pp_rank: int,
+                     dtypes: Mapping[str, torch.dtype] | torch.dtype) -> SafetensorsWriter:
+        """A writer for this rank's ``model.safetensors`` expecting exactly its local shards."""
+        shapes = expected_rank_shapes(self.config, self.tp, self.pp, pp_rank)
+        specs = {n: (dtypes if isinstance(dtypes, torch.dtype) else dtypes[n], s) for n, s in shapes.items()}
+        return SafetensorsWriter(self._rank_dir(tp_rank, pp_rank) / MODEL_FILE, specs, {"format": "pt"})
+
+    def write_model(self, tp_rank: int, pp_rank: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Write one rank's local shards; missing, unexpected or mis-shaped tensors raise by name."""
+        shapes = expected_rank_shapes(self.config, self.tp, self.pp, pp_rank)
+        where = f"state of TP rank {tp_rank}, PP rank {pp_rank}"
+        missing = [n for n in shapes if n not in state_dict]
+        unexpected = sorted(set(state_dict) - set(shapes))
+        if missing or unexpected:
+            raise CheckpointError(f"{where}: missing tensor(s) {missing}, unexpected tensor(s) {unexpected}")
+        with self.model_writer(tp_rank, pp_rank, {n: t.dtype for n, t in state_dict.items()}) as w:
+            for name in shapes:
+                w.write(name, state_dict[name].detach().cpu())
+
+    def write_meta(self, tp_rank: int, pp_rank: int, dtype: torch.dtype, state: Mapping | None = None) -> None:
+        """``meta.json``: the model config, layout, rank coordinates and the caller's ``state``
+        (iteration counters, RNG states, data-loader position...; tensors and arrays allowed)."""
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "iteration": self.iteration,
+                "tp": self.tp, "pp": self.pp, "tp_rank": tp_rank, "pp_rank": pp_rank,
+                "padded_vocab_size": self.padded_vocab_size, "dtype": dtype_name(dtype),
+                "config": self.config.to_hf_dict(), "state": encode_state(dict(state or {}))}
+        write_json_atomic(self._rank_dir(tp_rank, pp_rank) / META_FILE, meta)
+
+    def write_optimizer(self, tp_rank: int, pp_rank: int, optimizer_state: Mapping, dp_rank: int = 0) -> None:
+        """An optimizer state (e.g. ``optimizer.state_dict()``): tensors to safetensors, the rest JSON."""
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = encode_state(optimizer_state, tensors)
+        st_name, json_name = optimizer_file_names(dp_rank)
+        rank_dir = self._rank_dir(tp_rank, pp_rank)
+        specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+        with SafetensorsWriter(rank_dir / st_name, specs) as w:
+            for k, t in tensors.items():
+                w.write(k, t.detach().cpu())
+        write_json_atomic(rank_dir / json_name, {"format": FORMAT, "state": skeleton})
+
+    def commit(self, dtype: torch.dtype, extra: Mapping | None = None) -> Path:
+        """Check every rank's files, write ``checkpoint.json``, publish ``iter_N``, then ``latest``."""
+        file_sets, missing = [], []
+        for pp_rank in range(self.pp):
+            for tp_rank in range(self.tp):
+                rdir = self.tmp_dir / rank_dir_name(tp_rank, pp_rank)
+                absent = [f for f in (MODEL_FILE, META_FILE) if not (rdir / f).is_file()]
+                missing += [f"{rdir.name}/{f}" for f in absent]
+                dp_ranks = sorted(int(p.name[len("optim_dp_"):-len(".json")]) for p in rdir.glob("optim_dp_*.json"))
+                file_sets.append({"tp_rank": tp_rank, "pp_rank": pp_rank, "dir": rdir.name,
+                                  "optimizer_dp_ranks": dp_ranks})
+        if missing:
+            raise CheckpointError(f"{self.tmp_dir}: cannot commit, file(s) not written: {missing}")
+        write_json_atomic(self.tmp_dir / CHECKPOINT_JSON, {
+            "format": FORMAT, "version": FORMAT_VERSION, "iteration": self.iteration,
+            "tp": self.tp, "pp": self.pp, "padded_vocab_size": self.padded_vocab_size,
+            "dtype": dtype_name(dtype), "config": self.config.to_hf_dict(), "file_sets": file_sets,
+            **({"extra": encode_state(dict(extra))} if extra else {}),
+        })
+        _fsync_dir(self.tmp_dir)
+        if self.final_dir.exists():  # re-saving an iteration: move the old one aside, then drop it
+            old = self.root / (self.final_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final_dir, old)
+            os.replace(self.tmp_dir, self.final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp_dir, self.final_dir)
+        _fsync_dir(self.root)
+        write_text_atomic(self.root / LATEST, f"{self.iteration}\n")
+        return self.final_dir
+
+
+def _dominant_dtype(states) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for sd in states:
+        for t in sd.values():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int, pp: int,
+                    rank_states: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], *,
+                    meta: Mapping | None = None, rank_meta: Mapping[tuple[int, int], Mapping] | None = None,
+                    optimizer_states: Mapping[tuple, Mapping] | None = None) -> Path:
+    """Save every rank's shards from one process; returns the published ``iter_N`` directory.
+
+    ``rank_states[(tp_rank, pp_rank)]`` is that rank's local state dict (global names, local shards).
+    ``meta`` goes into every rank's meta.json, merged with ``rank_meta[(tp_rank, pp_rank)]``.
+    ``optimizer_states`` is keyed by ``(tp_rank, pp_rank)`` or ``(tp_rank, pp_rank, dp_rank)``.
+    """
+    writer = CheckpointWriter(root, iteration, config, tp, pp)
+    absent = [(t, p) for p in range(pp) for t in range(tp) if (t, p) not in rank_states]
+    if absent:
+        raise CheckpointError(f"save_checkpoint: no state for (tp_rank, pp_rank) {absent} of TP={tp} x PP={pp}")
+    dtype = _dominant_dtype(rank_states.values())
+    writer.prepare()
+    try:
+        for (t, p), sd in rank_states.items():
+            writer.write_model(t, p, sd)
+            writer.write_meta(t, p, dtype, {**(meta or {}), **((rank_meta or {}).get((t, p), {}))})
+        for key, opt in (optimizer_states or {}).items():
+            writer.write_optimizer(key[0], key[1], opt, key[2] if len(key) > 2 else 0)
+        return writer.commit(dtype)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def save_checkpoint_distributed(root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int,
+                                pp: int, tp_rank: int, pp_rank: int, state_dict: Mapping[str, torch.Tensor],
+                                *, meta: Mapping | None = None, optimizer_state: Mapping | None = None,
+                                dp_rank: int = 0, group=None) -> Path:
+    """Collective save: every rank of ``group`` calls it with its own shards.
+
+    Data-parallel rank 0 of each (TP, PP) position writes the model and meta; every rank that passes
+    ``optimizer_state`` writes its own (ZeRO-sharded states differ across DP). Rank 0 of ``group``
+    commits once all succeeded. A failure on any rank fails the save on every rank (no hang, nothing
+    published).
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    writer = CheckpointWriter(root, iteration, config, tp, pp)
+    dtype = _dominant_dtype([state_dict])
+
+    def step(fn) -> None:
+        error = None
+        try:
+            fn()
+        except Exception as e:  # reported to every rank below, so that all fail together
+            error = f"rank {rank}: {type(e).__name__}: {e}"
+        errors = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
+        errors = [e for e in errors if e]
+        if errors:
+            if rank == 0:
+                writer.abort()
+            raise CheckpointError(f"saving {writer.final_dir} failed: " + "; ".join(errors))
+
+    step(lambda: writer.prepare() if rank == 0 else None)
+
+    def write_own() -> None:
+        if dp_rank == 0:
+            writer.write_model(tp_rank, pp_rank, state_dict)
+            writer.write_meta(tp_rank, pp_rank, dtype, meta)
+        if optimizer_state is not None:
+            writer.write_optimizer(tp_rank, pp_rank, optimizer_state, dp_rank)
+
+    step(write_own)
+    step(lambda: writer.commit(dtype) if rank == 0 else None)
+    return writer.final_dir
+
+
+# ---------------------------------------------------------------------------------------- loading
+def resolve_checkpoint_dir(path: str | os.PathLike, iteration: int | None = None) -> Path:
+    """The ``iter_N`` directory of ``path`` (a checkpoint root or an ``iter_N`` directory)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / CHECKPOINT_JSON).is_file():
+        return path
+    if iteration is None:
+        latest = path / LATEST
+        if not latest.is_file():
+            hint = " (an unfinished save left only '.saving' data)" if any(path.glob("iter_*.saving")) else ""
+            raise CheckpointError(f"{path}: not an engine checkpoint: no {CHECKPOINT_JSON} and no "
+                                  f"'{LATEST}' file{hint}")
+        text = latest.read_text().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{latest}: expected an iteration number, found {text[:40]!r}")
+        iteration = int(text)
+    it_dir = path / iteration_dir_name(iteration)
+    if not (it_dir / CHECKPOINT_JSON).is_file():
+        raise CheckpointError(f"{it_dir}: checkpoint of iteration {iteration} is missing or incomplete "
+                              f"(no {CHECKPOINT_JSON})")
+    return it_dir
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+
+
+def config_differences(a: LlamaConfig, b: LlamaConfig) -> list[str]:
+    da, db = a.to_hf_dict(), b.to_hf_dict()
+    return [f"{k}: {da.get(k)!r} != {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint on disk: every rank's files present with the expected tensors."""
+
+    path: Path
+    iteration: int
+    config: LlamaConfig
+    tp: int
+    pp: int
+    padded_vocab_size: int
+    info: dict
+    headers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def rank_dir(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.path / rank_dir_name(tp_rank, pp_rank)
+
+    def names(self) -> list[str]:
+        return canonical_order(expected_engine_shapes(self.config))
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return expected_engine_shapes(self.config)[name]
+
+    def source_stage(self, name: str) -> int:
+        return stage_of(name, self.config.num_hidden_layers, self.pp, self.config.tie_word_embeddings)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.headers[(0, self.source_stage(name))][name].dtype
+
+    def read_shard(self, tp_rank: int, pp_rank: int, name: str) -> torch.Tensor:
+        info = self.headers[(tp_rank, pp_rank)][name]
+        return read_tensor(self.rank_dir(tp_rank, pp_rank) / MODEL_FILE, info)
+
+    def meta(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:
+        """The state the saver passed for this rank (RNG states, counters, loader position...)."""
+        return decode_state(_read_json(self.rank_dir(tp_rank, pp_rank) / META_FILE)["state"])
+
+    def optimizer_state(self, tp_rank: int, pp_rank: int, dp_rank: int = 0) -> dict:
+        """The optimizer state saved for this rank, with its tensors (same layout only)."""
+        st_name, json_name = optimizer_file_names(dp_rank)
+        rdir = self.rank_dir(tp_rank, pp_rank)
+        if not (rdir / json_name).is_file():
+            raise CheckpointError(f"{rdir}: no optimizer state for data-parallel rank {dp_rank} ({json_name})")
+        st_path = rdir / st_name
+        tensors = {k: read_tensor(st_path, info) for k, info in read_header(st_path)[0].items()}
+        return decode_state(_read_json(rdir / json_name)["state"], tensors)
+
+
+def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
+                    expect_config: LlamaConfig | None = None) -> Checkpoint:
+    """Find and validate a checkpoint (root with ``latest``, or an ``iter_N`` directory).
+
+    Checks the format, that every (TP, PP) file set exists, that each ``model.safetensors`` holds
+    exactly the expected names with the expected local shapes, that every ``meta.json`` describes
+    the same model and layout, and (when given) that the model is ``expect_config``.
+    """
+    it_dir = resolve_checkpoint_dir(path, iteration)
+    info = _read_json(it_dir / CHECKPOINT_JSON)
+    where = it_dir / CHECKPOINT_JSON
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not an engine checkpoint (format {info.get('format') if isinstance(info, dict) else None!r})")
+    if info.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: unsupported checkpoint version {info.get('version')!r}")
+    try:
+        config = LlamaConfig.from_hf_dict(info["config"], source=f"{where} config")
+        tp, pp, it = int(info["tp"]), int(info["pp"]), int(info["iteration"])
+        validate_layout(config, tp, pp)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if iteration is not None and it != iteration:
+        raise CheckpointError(f"{where}: holds iteration {it}, not {iteration}")
+    if expect_config is not None and (diff := config_differences(config, expect_config)):
+        raise CheckpointError(f"{it_dir}: checkpoint of another model; config differs: {'; '.join(diff)}")
+    ckpt = Checkpoint(it_dir, it, config, tp, pp, padded_vocab_size(config.vocab_size, tp), info)
+    problems: list[str] = []
+    for pp_rank in range(pp):
+        expected = expected_rank_shapes(config, tp, pp, pp_rank)
+        for tp_rank in range(tp):
+            rdir = ckpt.rank_dir(tp_rank, pp_rank)
+            absent = [f for f in (MODEL_FILE, META_FILE) if not (rdir / f).is_file()]
+            if absent:
+                problems.append(f"file set {rdir.name} (TP rank {tp_rank}, PP rank {pp_rank}) "
+                                f"is missing {absent}")
+                continue
+            try:
+                header = read_header(rdir / MODEL_FILE)[0]
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            ckpt.headers[(tp_rank, pp_rank)] = header
+            missing = [n for n in expected if n not in header]
+            unexpected = sorted(set(header) - set(expected))
+            misshaped = [f"{n} {header[n].shape} (expected {s})" for n, s in expected.items()
+                         if n in header and header[n].shape != s]
+            for label, items in (("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
+                                 ("mis-shaped tensor(s)", misshaped)):
+                if items:
+                    problems.append(f"{rdir.name}/{MODEL_FILE}: {label} {items}")
+            meta = _read_json(rdir / META_FILE)
+            coords = {"tp": tp, "pp": pp, "tp_rank": tp_rank, "pp_rank": pp_rank, "iteration": it}
+            wrong = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in coords.items() if meta.get(k) != v]
+            if meta.get("config") != info["config"]:
+                wrong.append("config differs from checkpoint.json")
+            if wrong:
+                problems.append(f"{rdir.name}/{META_FILE}: {'; '.join(wrong)}")
+    if problems:
+        raise CheckpointError(f"{it_dir}: invalid checkpoint: " + " | ".join(problems))
+    return ckpt
+
+
+def _as_checkpoint(ckpt: Checkpoint | str | os.PathLike, iteration: int | None = None) -> Checkpoint:
+    return ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt, iteration)
+
+
+def read_full_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One parameter reassembled from its TP shards, vocabulary padding removed."""
+    stage = ckpt.source_stage(name)
+    dim = tp_shard_dim(name)
+    if dim is None:
+        return ckpt.read_shard(0, stage, name)
+    full = torch.cat([ckpt.read_shard(t, stage, name) for t in range(ckpt.tp)], dim)
+    if is_vocab_parallel(name):
+        full = full[: ckpt.config.vocab_size]
+    return full
+
+
+def iter_full_tensors(ckpt: Checkpoint | str | os.PathLike, iteration: int | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full unpadded tensor) one parameter at a time, from any layout.
+
+    With tied embeddings and PP > 1, ``embed_tokens.weight`` is read from the first stage only.
+    """
+    ckpt = _as_checkpoint(ckpt, iteration)
+    for name in ckpt.names():
+        yield name, read_full_tensor(ckpt, name)
+
+
+def load_full_tensors(ckpt: Checkpoint | str | os.PathLike, iteration: int | None = None) -> dict[str, torch.Tensor]:
+    return dict(iter_full_tensors(ckpt, iteration))
+
+
+def load_rank_shard(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank: int, tp: int, pp: int,
+                    ) -> dict[str, torch.Tensor]:
+    """Local shards of rank (``tp_rank``, ``pp_rank``) for a target layout TP=``tp`` x PP=``pp``,
+    which may differ from the checkpoint's (resharding). Peak memory: one full parameter."""
+    ckpt = _as_checkpoint(ckpt)
+    validate_layout(ckpt.config, tp, pp)
+    if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
+        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside the layout TP={tp} x PP={pp}")
+    out = {}
+    for name in stage_names(ckpt.config, pp, pp_rank):
+        if tp == ckpt.tp:  # same TP split: the shard is on disk as is, whatever the PP split
+            out[name] = ckpt.read_shard(tp_rank, ckpt.source_stage(name), name)
+        else:
+            out[name] = shard_tensor(name, read_full_tensor(ckpt, name), ckpt.config, tp, tp_rank).clone()
+    return out
