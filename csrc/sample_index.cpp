@@ -71,17 +71,19 @@ void fisher_yates(i64* a, i64 n, SplitMix64& rng) {
 
 py::array_t<i64> new_array(std::vector<py::ssize_t> shape) { return py::array_t<i64>(shape); }
 
-void require(bool ok, const std::string& message) {
-    if (!ok) throw py::value_error(message);
-}
+// A macro so the message is only built when the check fails (the checks run in per-element loops).
+#define REQUIRE(condition, message)                                   \
+    do {                                                              \
+        if (!(condition)) throw py::value_error(message);             \
+    } while (0)
 
 void require_1d(const I64Array& a, const char* name) {
-    require(a.ndim() == 1, std::string(name) + " must be one-dimensional, got " +
+    REQUIRE(a.ndim() == 1, std::string(name) + " must be one-dimensional, got " +
                                std::to_string(a.ndim()) + " dimensions");
 }
 
 py::array_t<i64> splitmix64_stream(u64 seed, u64 stream, u64 epoch, i64 count) {
-    require(count >= 0, "count must be >= 0, got " + std::to_string(count));
+    REQUIRE(count >= 0, "count must be >= 0, got " + std::to_string(count));
     auto out = new_array({count});
     i64* o = out.mutable_data();
     {
@@ -96,17 +98,17 @@ py::array_t<i64> splitmix64_stream(u64 seed, u64 stream, u64 epoch, i64 count) {
 py::array_t<i64> document_order(const I64Array& document_ids, i64 num_documents_total, i64 num_epochs,
                                 u64 seed) {
     require_1d(document_ids, "document_ids");
-    require(num_epochs >= 1, "num_epochs must be >= 1, got " + std::to_string(num_epochs));
+    REQUIRE(num_epochs >= 1, "num_epochs must be >= 1, got " + std::to_string(num_epochs));
     const i64 n = document_ids.shape(0);
-    require(n >= 1, "document_ids is empty: the dataset has no documents to draw samples from");
+    REQUIRE(n >= 1, "document_ids is empty: the dataset has no documents to draw samples from");
     const i64* ids = document_ids.data();
     for (i64 i = 0; i < n; ++i) {
-        require(ids[i] >= 0 && ids[i] < num_documents_total,
+        REQUIRE(ids[i] >= 0 && ids[i] < num_documents_total,
                 "document_ids[" + std::to_string(i) + "] = " + std::to_string(ids[i]) +
                     " is outside [0, " + std::to_string(num_documents_total) + ")");
     }
     i64 total;
-    require(!__builtin_mul_overflow(n, num_epochs, &total),
+    REQUIRE(!__builtin_mul_overflow(n, num_epochs, &total),
             "num_epochs * number of documents overflows int64");
     auto out = new_array({total});
     i64* o = out.mutable_data();
@@ -128,22 +130,22 @@ py::array_t<i64> sample_boundaries(const I64Array& order, const I64Array& docume
                                    i64 seq_length) {
     require_1d(order, "order");
     require_1d(document_token_counts, "document_token_counts");
-    require(seq_length >= 1, "seq_length must be >= 1, got " + std::to_string(seq_length));
+    REQUIRE(seq_length >= 1, "seq_length must be >= 1, got " + std::to_string(seq_length));
     const i64* ord = order.data();
     const i64* counts = document_token_counts.data();
     const i64 num_docs = document_token_counts.shape(0);
     const i64 n = order.shape(0);
     i64 total = 0;
     for (i64 i = 0; i < n; ++i) {
-        require(ord[i] >= 0 && ord[i] < num_docs,
+        REQUIRE(ord[i] >= 0 && ord[i] < num_docs,
                 "order[" + std::to_string(i) + "] = " + std::to_string(ord[i]) +
                     " is not a document id in [0, " + std::to_string(num_docs) + ")");
         const i64 c = counts[ord[i]];
-        require(c >= 0, "document " + std::to_string(ord[i]) + " has a negative token count " +
+        REQUIRE(c >= 0, "document " + std::to_string(ord[i]) + " has a negative token count " +
                             std::to_string(c));
-        require(!__builtin_add_overflow(total, c, &total), "total token count overflows int64");
+        REQUIRE(!__builtin_add_overflow(total, c, &total), "total token count overflows int64");
     }
-    require(total >= seq_length + 1,
+    REQUIRE(total >= seq_length + 1,
             "the document order holds " + std::to_string(total) +
                 " tokens, fewer than one sample of seq_length + 1 = " +
                 std::to_string(seq_length + 1));
@@ -170,8 +172,8 @@ py::array_t<i64> sample_boundaries(const I64Array& order, const I64Array& docume
 // Sample ids 0..num_samples-1: [0, head) shuffled by stream (seed, kStreamSampleShuffle, 0), then
 // [head, num_samples) shuffled by stream (seed, kStreamSampleShuffle, 1).
 py::array_t<i64> sample_shuffle(i64 num_samples, i64 head, u64 seed) {
-    require(num_samples >= 0, "num_samples must be >= 0, got " + std::to_string(num_samples));
-    require(head >= 0 && head <= num_samples, "head must be in [0, num_samples = " +
+    REQUIRE(num_samples >= 0, "num_samples must be >= 0, got " + std::to_string(num_samples));
+    REQUIRE(head >= 0 && head <= num_samples, "head must be in [0, num_samples = " +
                                                   std::to_string(num_samples) + "], got " +
                                                   std::to_string(head));
     auto out = new_array({num_samples});
@@ -192,8 +194,11 @@ py::array_t<i64> sample_shuffle(i64 num_samples, i64 head, u64 seed) {
 py::array_t<i64> sample_pieces(const I64Array& order, const I64Array& boundaries,
                                const I64Array& document_indices, const I64Array& sequence_starts,
                                i64 sample) {
-    require(boundaries.ndim() == 2 && boundaries.shape(1) == 2, "boundaries must have shape (n, 2)");
-    require(sample >= 0 && sample + 1 < boundaries.shape(0),
+    require_1d(order, "order");
+    require_1d(document_indices, "document_indices");
+    require_1d(sequence_starts, "sequence_starts");
+    REQUIRE(boundaries.ndim() == 2 && boundaries.shape(1) == 2, "boundaries must have shape (n, 2)");
+    REQUIRE(sample >= 0 && sample + 1 < boundaries.shape(0),
             "sample " + std::to_string(sample) + " is outside [0, " +
                 std::to_string(boundaries.shape(0) - 1) + ")");
     const i64* b = boundaries.data();
@@ -205,19 +210,19 @@ py::array_t<i64> sample_pieces(const I64Array& order, const I64Array& boundaries
     const i64 num_seqs = sequence_starts.shape(0) - 1;
     const i64 first = b[2 * sample], first_offset = b[2 * sample + 1];
     const i64 last = b[2 * sample + 2], last_offset = b[2 * sample + 3];
-    require(0 <= first && first <= last && last < num_order && first_offset >= 0 && last_offset >= 0,
+    REQUIRE(0 <= first && first <= last && last < num_order && first_offset >= 0 && last_offset >= 0,
             "boundaries do not fit the order");
     std::vector<i64> pieces;
     for (i64 pos = first; pos <= last; ++pos) {
         const i64 d = ord[pos];
-        require(d >= 0 && d < num_docs, "order holds document " + std::to_string(d) +
+        REQUIRE(d >= 0 && d < num_docs, "order holds document " + std::to_string(d) +
                                             " outside the indexed dataset");
         const i64 s0 = docs[d], s1 = docs[d + 1];
-        require(0 <= s0 && s0 <= s1 && s1 <= num_seqs, "document_indices are inconsistent");
+        REQUIRE(0 <= s0 && s0 <= s1 && s1 <= num_seqs, "document_indices are inconsistent");
         const i64 doc_begin = starts[s0], doc_end = starts[s1];
         i64 g = doc_begin + (pos == first ? first_offset : 0);
         const i64 g_end = pos == last ? doc_begin + last_offset + 1 : doc_end;
-        require(g_end <= doc_end, "boundary offset past the end of document " + std::to_string(d));
+        REQUIRE(g_end <= doc_end, "boundary offset past the end of document " + std::to_string(d));
         // Sequences of the document are contiguous: find the one holding token g, walk forward.
         i64 seq = std::upper_bound(starts + s0, starts + s1 + 1, g) - starts - 1;
         while (g < g_end) {
@@ -283,19 +288,19 @@ NO_FMA void blend_loop(const std::vector<double>& w, i64 size, i64* dataset_inde
 
 py::tuple blending_indices(py::array_t<double, py::array::c_style | py::array::forcecast> weights,
                            i64 size) {
-    require(weights.ndim() == 1 && weights.shape(0) >= 1,
+    REQUIRE(weights.ndim() == 1 && weights.shape(0) >= 1,
             "weights must be a non-empty one-dimensional sequence");
-    require(size >= 0, "size must be >= 0, got " + std::to_string(size));
-    require(size < (i64(1) << 53), "size must be below 2**53 (exact in float64)");
+    REQUIRE(size >= 0, "size must be >= 0, got " + std::to_string(size));
+    REQUIRE(size < (i64(1) << 53), "size must be below 2**53 (exact in float64)");
     const i64 n = weights.shape(0);
     const double* raw = weights.data();
     double total = 0.0;
     for (i64 d = 0; d < n; ++d) {
-        require(std::isfinite(raw[d]), "weights[" + std::to_string(d) + "] is not finite");
-        require(raw[d] >= 0.0, "weights[" + std::to_string(d) + "] is negative");
+        REQUIRE(std::isfinite(raw[d]), "weights[" + std::to_string(d) + "] is not finite");
+        REQUIRE(raw[d] >= 0.0, "weights[" + std::to_string(d) + "] is negative");
         total += raw[d];
     }
-    require(total > 0.0 && std::isfinite(total), "weights must have a positive finite sum");
+    REQUIRE(total > 0.0 && std::isfinite(total), "weights must have a positive finite sum");
     std::vector<double> w(n);
     for (i64 d = 0; d < n; ++d) w[d] = raw[d] / total;
     auto dataset_index = new_array({size});

@@ -203,21 +203,19 @@ def test_num_samples_uses_fewest_epochs_and_serves_full_epochs_first():
     assert sorted(ds.index.shuffle[:head].tolist()) == list(range(head))
 
 
-def test_real_indexed_dataset_if_present(tmp_path):
-    indexed_mod = pytest.importorskip("engine.data.indexed")
-    builder_cls = getattr(indexed_mod, "IndexedDatasetBuilder", None)
-    if builder_cls is None:
-        pytest.skip("engine.data.indexed has no IndexedDatasetBuilder yet")
+def test_samples_from_a_real_indexed_dataset(tmp_path):
+    from engine.data.indexed import IndexedDataset, IndexedDatasetBuilder
+
     rng = random.Random(5)
     docs = random_documents(rng, 30, max_len=40)
     prefix = str(tmp_path / "data")
-    builder = builder_cls(prefix + ".bin", np.uint16)
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
     for doc in docs:
         for seq in doc:
             builder.add_item(np.array(seq, dtype=np.uint16))
         builder.end_document()
     builder.finalize(prefix + ".idx")
-    real = GPTSampleDataset(indexed_mod.IndexedDataset(prefix), 16, seed=9, num_samples=20)
+    real = GPTSampleDataset(IndexedDataset(prefix), 16, seed=9, num_samples=20)
     fake = GPTSampleDataset(FakeIndexed(docs), 16, seed=9, num_samples=20)
     for k in range(20):
         assert real[k].tolist() == fake[k].tolist()
