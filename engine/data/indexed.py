@@ -147,6 +147,9 @@ class IndexedDataset:
 
 def _token_array(tokens: Any, dtype: np.dtype) -> np.ndarray:
     """One sequence as a flat, contiguous, native-endian numpy array the C++ writer accepts."""
+    if type(tokens) is np.ndarray and tokens.ndim == 1 and tokens.flags.c_contiguous \
+            and tokens.dtype.kind in "iu" and tokens.dtype.isnative:
+        return tokens  # the common case, checked and converted in C++
     if type(tokens).__module__.split(".")[0] == "torch" and hasattr(tokens, "detach"):
         tokens = tokens.detach().cpu().numpy()
     array = np.asarray(tokens)
