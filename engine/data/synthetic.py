@@ -81,15 +81,17 @@ class SyntheticWorld:
         self.season_category = {(s, c): float(rng.normal(0.0, 0.5)) for s in SEASONS for c in CATEGORIES}
 
     def affinity(self, user: dict, item: dict) -> float:
-        u = sum(self.embeddings[k][user[k]] for k in USER_FEATURES)
-        v = sum(self.embeddings[k][item[k]] for k in ITEM_FEATURES)
+        u = self.embeddings["age"][user["age"]] + self.embeddings["region"][user["region"]] \
+            + self.embeddings["device"][user["device"]] + self.embeddings["interest"][user["interest"]]
+        v = self.embeddings["category"][item["category"]] + self.embeddings["brand"][item["brand"]] \
+            + self.embeddings["price_tier"][item["price_tier"]]
         bonus = 1.0 if user["interest"] == item["category"] else 0.0
         return float(u @ v) / math.sqrt(self.latent_dim) + bonus
 
     def sample(self, domain: str, rng: np.random.Generator) -> dict:
         """One record (JSON-ready dict) of ``domain`` with its true reward distribution in meta."""
-        user = {k: str(rng.choice(v)) for k, v in USER_FEATURES.items()}
-        item = {k: str(rng.choice(v)) for k, v in ITEM_FEATURES.items()}
+        user = {k: _pick(v, rng) for k, v in USER_FEATURES.items()}
+        item = {k: _pick(v, rng) for k, v in ITEM_FEATURES.items()}
         aff = self.affinity(user, item)
         field, kind = DOMAIN_REWARDS[domain]
         state = {f"user_{k}": v for k, v in user.items()}
@@ -106,15 +108,15 @@ class SyntheticWorld:
             dist = {"kind": kind, "mu": mu, "sigma": 0.6}
         elif domain == "ads/impressions":
             hour = int(rng.integers(0, 24))
-            budget = int(rng.choice([10, 20, 50, 100]))
+            budget = _pick((10, 20, 50, 100), rng)
             state["hour"] = hour
             action["budget"] = budget
             log_lam = (0.5 + 0.5 * aff + 0.4 * math.log(budget / 20)
                        + 0.5 * math.sin(2 * math.pi * hour / 24 + self.hour_phase))
             dist = {"kind": kind, "lam": math.exp(log_lam)}
         else:  # shop/purchase
-            season = str(rng.choice(SEASONS))
-            discount = int(rng.choice([0, 10, 20, 30]))
+            season = _pick(SEASONS, rng)
+            discount = _pick((0, 10, 20, 30), rng)
             state["season"] = season
             action["discount"] = discount
             dist = {"kind": kind, "p": _sigmoid(-2.0 + 1.0 * aff + 0.04 * discount
@@ -122,6 +124,10 @@ class SyntheticWorld:
         value = draw(dist, rng)
         return {"domain": domain, "state": state, "action": action, "reward": {field: value},
                 "meta": {"reward_dist": {field: dist}}}
+
+
+def _pick(values: tuple, rng: np.random.Generator):
+    return values[int(rng.integers(len(values)))]
 
 
 def draw(dist: dict, rng: np.random.Generator):

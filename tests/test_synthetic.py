@@ -1,0 +1,161 @@
+"""Synthetic logs: deterministic, rewards drawn from the distributions recorded in meta, exact ceilings."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+
+from engine.data.reward_bins import FieldBins, RewardBins, fit_field
+from engine.data.sar import parse_json_line, parse_record
+from engine.data.synthetic import (DOMAIN_REWARDS, SyntheticConfig, bayes_ceiling, class_probabilities,
+                                   expected_auc, generate, roc_auc, write_logs)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    config = SyntheticConfig(seed=11, train_per_domain=6000)
+    return {d: list(generate(config, d, "train")) for d in DOMAIN_REWARDS}
+
+
+def test_deterministic_from_seed_and_valid_records():
+    config = SyntheticConfig(seed=5, train_per_domain=50)
+    for domain in DOMAIN_REWARDS:
+        a, b = list(generate(config, domain, "train")), list(generate(config, domain, "train"))
+        assert a == b
+        assert a != list(generate(SyntheticConfig(seed=6, train_per_domain=50), domain, "train"))
+        assert a != list(generate(SyntheticConfig(seed=5, valid_per_domain=50), domain, "valid"))
+        for r in a:
+            record = parse_record(r)
+            assert record.domain == domain and list(record.steps[0].reward) == [DOMAIN_REWARDS[domain][0]]
+    # A split's size does not change another split's records.
+    bigger = SyntheticConfig(seed=5, train_per_domain=50, test_per_domain=999)
+    assert list(generate(bigger, "ads/ctr", "train")) == list(generate(config, "ads/ctr", "train"))
+
+
+def test_bernoulli_rewards_follow_recorded_p_bucket_by_bucket(samples):
+    for domain in ("ads/ctr", "shop/purchase"):
+        field = DOMAIN_REWARDS[domain][0]
+        p = np.array([r["meta"]["reward_dist"][field]["p"] for r in samples[domain]])
+        y = np.array([r["reward"][field] for r in samples[domain]])
+        assert p.std() > 0.1  # there is signal to learn
+        order = np.argsort(p)
+        for bucket in np.array_split(order, 5):
+            sd = math.sqrt(np.sum(p[bucket] * (1 - p[bucket]))) / len(bucket)
+            assert abs(y[bucket].mean() - p[bucket].mean()) < 4.5 * sd, (domain, y[bucket].mean(), p[bucket].mean())
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def test_lognormal_costs_follow_recorded_parameters(samples):
+    # Probability integral transform: F(cost) under the recorded (mu, sigma) must be uniform.
+    u = np.array([_normal_cdf((math.log(r["reward"]["cost"]) - r["meta"]["reward_dist"]["cost"]["mu"])
+                              / r["meta"]["reward_dist"]["cost"]["sigma"]) for r in samples["ads/cpc"]])
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    n = len(u)
+    assert np.all(np.abs(counts - n / 10) < 4.5 * math.sqrt(n * 0.1 * 0.9)), counts
+
+
+def test_poisson_counts_follow_recorded_rate(samples):
+    lam = np.array([r["meta"]["reward_dist"]["impressions"]["lam"] for r in samples["ads/impressions"]])
+    y = np.array([r["reward"]["impressions"] for r in samples["ads/impressions"]])
+    for value in range(6):  # P(Y = value) averaged over records, from the pmf written out directly
+        pmf = np.exp(-lam) * lam ** value / math.factorial(value)
+        sd = math.sqrt(np.sum(pmf * (1 - pmf))) / len(y)
+        assert abs(np.mean(y == value) - pmf.mean()) < 4.5 * sd, value
+
+
+@pytest.mark.parametrize("domain", list(DOMAIN_REWARDS))
+def test_class_probabilities_match_empirical_class_frequencies(samples, domain):
+    field = DOMAIN_REWARDS[domain][0]
+    records = [parse_record(r) for r in samples[domain]]
+    bins = RewardBins.fit_records(records[:3000])
+    fb = bins.get(domain, field)
+    probs = np.stack([class_probabilities(r.meta["reward_dist"][field], fb) for r in records[3000:]])
+    assert np.all(probs >= -1e-15) and np.allclose(probs.sum(axis=1), 1.0)
+    observed = np.array([fb.classify(r.steps[0].reward[field]) for r in records[3000:]])
+    n = len(observed)
+    for k in range(fb.num_classes):
+        sd = math.sqrt(np.sum(probs[:, k] * (1 - probs[:, k]))) / n
+        assert abs(np.mean(observed == k) - probs[:, k].mean()) < 4.5 * sd + 1e-12, (domain, k)
+
+
+def test_class_probabilities_by_hand():
+    q = FieldBins("quantile", (0.0, 2.0, 5.0), 10)
+    lam = 1.7
+    pmf = [math.exp(-lam) * lam ** k / math.factorial(k) for k in range(6)]
+    expected = [pmf[0], pmf[1] + pmf[2], pmf[3] + pmf[4] + pmf[5], 1 - sum(pmf)]
+    assert np.allclose(class_probabilities({"kind": "poisson", "lam": lam}, q), expected)
+    ln = class_probabilities({"kind": "lognormal", "mu": 0.3, "sigma": 0.8}, FieldBins("quantile", (1.0, 3.0), 5))
+    a, b = _normal_cdf((0 - 0.3) / 0.8), _normal_cdf((math.log(3) - 0.3) / 0.8)
+    assert np.allclose(ln, [a, b - a, 1 - b])
+    assert np.allclose(class_probabilities({"kind": "bernoulli", "p": 0.2}, fit_field([0, 1])), [0.8, 0.2])
+
+
+def direct_auc(scores, labels):
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def direct_expected_auc(p):
+    num = den = 0.0
+    for i in range(len(p)):
+        for j in range(len(p)):
+            if i != j:
+                w = p[i] * (1 - p[j])
+                den += w
+                num += w * (1.0 if p[i] > p[j] else 0.5 if p[i] == p[j] else 0.0)
+    return num / den
+
+
+def test_auc_functions_match_direct_pair_counts():
+    rng = random.Random(0)
+    for trial in range(20):
+        n = rng.randint(2, 60)
+        scores = [rng.choice([0.1, 0.2, 0.5, 0.9]) if trial % 2 else rng.random() for _ in range(n)]
+        labels = [rng.random() < 0.4 for _ in range(n)]
+        if 0 < sum(labels) < n:
+            assert roc_auc(np.array(scores), np.array(labels)) == pytest.approx(direct_auc(scores, labels), abs=1e-12)
+        assert expected_auc(np.array(scores)) == pytest.approx(direct_expected_auc(scores), abs=1e-12)
+
+
+def test_bayes_ceiling_matches_direct_computation(samples):
+    records = samples["ads/ctr"][:400] + samples["ads/impressions"][:400]
+    bins = RewardBins.fit_records(parse_record(r) for r in records)
+    ceiling = bayes_ceiling(records, bins)
+    ctr = ceiling[("ads/ctr", "click")]
+    p = [r["meta"]["reward_dist"]["click"]["p"] for r in samples["ads/ctr"][:400]]
+    y = [r["reward"]["click"] for r in samples["ads/ctr"][:400]]
+    assert ctr.n == 400 and ctr.num_classes == 2
+    assert ctr.auc == pytest.approx(direct_auc(p, y), abs=1e-12)
+    assert ctr.expected_auc == pytest.approx(direct_expected_auc(p), abs=1e-12)
+    assert ctr.accuracy == pytest.approx(np.mean([(pi > 0.5) == bool(yi) for pi, yi in zip(p, y)]))
+    assert ctr.log_loss == pytest.approx(-np.mean([math.log(pi if yi else 1 - pi) for pi, yi in zip(p, y)]))
+    imp = ceiling[("ads/impressions", "impressions")]
+    assert imp.auc is None and imp.num_classes == bins.num_classes("ads/impressions", "impressions") > 2
+    assert 1.0 / imp.num_classes < imp.expected_accuracy < 1.0
+    with pytest.raises(ValueError, match="no meta.reward_dist"):
+        bayes_ceiling([{"domain": "ads/ctr", "state": {}, "action": {}, "reward": {"click": 1}}], bins)
+
+
+def test_write_logs_layout_manifest_and_ood(tmp_path):
+    config = SyntheticConfig(seed=2, train_per_domain=30, valid_per_domain=10, test_per_domain=10)
+    manifest = write_logs(config, str(tmp_path / "a"))
+    write_logs(config, str(tmp_path / "b"))
+    assert manifest["out_of_domain"] == ["shop/purchase"]
+    assert set(manifest["in_domain"]) == {"ads/ctr", "ads/cpc", "ads/impressions"}
+    for split, files in manifest["files"].items():
+        for domain, rel in files.items():
+            a, b = (tmp_path / "a" / rel).read_bytes(), (tmp_path / "b" / rel).read_bytes()
+            assert a == b  # byte-identical from the same seed
+            lines = a.decode().splitlines()
+            assert len(lines) == config.count(split)
+            assert all(parse_json_line(line, f"{rel}:{i + 1}").domain == domain for i, line in enumerate(lines))
+    assert set(manifest["bayes_ceiling"]["test"]) == {f"{d}/{f}" for d, (f, _) in DOMAIN_REWARDS.items()}
+    assert not [p for p in os.listdir(tmp_path / "a" / "train") if "tmp" in p]
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]["seed"] == 2
