@@ -20,9 +20,8 @@ import torch.nn.functional as F
 _kernels_enabled = os.environ.get("LTU_DISABLE_KERNELS", "0") not in ("1", "true", "yes")
 _failed_imports: set[str] = set()
 
-# The flash-attention kernel's supported inputs (half precision, these head sizes).
+# Attention runs the kernel in half precision only: fp32 runs are the exact-reference path.
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
-_FLASH_HEAD_DIMS = (64, 128)
 
 
 def use_kernels(enabled: bool) -> None:
@@ -105,7 +104,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                          f"v {tuple(v.shape)} (expected [b, s, h, d] and [b, s, kv_h, d])")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    if (_want_kernel(q, k, v) and q.dtype in _FLASH_DTYPES and q.shape[-1] in _FLASH_HEAD_DIMS
-            and (mod := _kernel_module("attention")) is not None):
+    if (_want_kernel(q, k, v) and q.dtype in _FLASH_DTYPES
+            and (mod := _kernel_module("attention")) is not None
+            and q.shape[-1] in getattr(mod, "SUPPORTED_HEAD_DIMS", (64, 128))):
         return mod.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)

@@ -254,3 +254,30 @@ def test_activation_recomputation_gives_identical_loss_and_grads():
     assert torch.equal(loss_a, loss_b)
     for n in grads_a:
         assert torch.equal(grads_a[n], grads_b[n]), n
+
+
+@pytest.mark.triton
+def test_dispatch_reaches_the_triton_kernels(monkeypatch):
+    """The kernel path of engine.ops (taken on CUDA) run here in the Triton interpreter: the kernels
+    are called with the ops' layout and arguments and agree with the PyTorch path."""
+    kernels_attention = pytest.importorskip("kernels.attention")
+    kernels_rmsnorm = pytest.importorskip("kernels.rmsnorm")
+    calls = []
+    for module, fn in ((kernels_attention, "flash_attention"), (kernels_rmsnorm, "rms_norm")):
+        original = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _o=original, _n=fn, **k: calls.append(_n) or _o(*a, **k))
+    monkeypatch.setattr(ops, "_want_kernel", lambda *tensors: ops.kernels_enabled())
+    monkeypatch.setattr(ops, "_kernels_enabled", True)  # even under LTU_DISABLE_KERNELS=1
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 4, 16, generator=gen).half()
+    k, v = torch.randn(2, 1, 8, 2, 16, generator=gen).half().unbind(0)
+    out = ops.attention(q, k, v, softmax_scale=0.3)
+    ref = ops.attention_reference(q.float(), k.float(), v.float(), softmax_scale=0.3)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+    x, w = torch.randn(3, 32, generator=gen), torch.randn(32, generator=gen)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), ops.rms_norm_reference(x, w, 1e-5))
+    assert calls == ["flash_attention", "rms_norm"]
+    ops.use_kernels(False)  # monkeypatch restores the switch afterwards
+    ops.attention(q, k, v)
+    ops.rms_norm(x, w, 1e-5)
+    assert calls == ["flash_attention", "rms_norm"]

@@ -58,6 +58,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.inv_freq_cpu = rope_inv_freq(config)
+        self._inv_freq: dict = {}  # device -> inv_freq there (a plain attribute, not a buffer)
         self._cache: dict = {}  # (device, dtype, seq_len) -> (cos, sin) for default positions
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype,
@@ -71,7 +72,9 @@ class RotaryEmbedding(nn.Module):
             positions = positions[None]
         if positions.shape[-1] != seq_len:
             raise ValueError(f"position_ids cover {positions.shape[-1]} positions, the sequence has {seq_len}")
-        freqs = positions[..., None].float() * self.inv_freq_cpu.to(device)
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self.inv_freq_cpu.to(device)
+        freqs = positions[..., None].float() * self._inv_freq[device]
         angles = torch.cat((freqs, freqs), dim=-1)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         if position_ids is None:
