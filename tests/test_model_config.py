@@ -29,11 +29,21 @@ LLAMA31_8B = {
     "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
 }
+# An early (transformers 4.27) Llama-1 conversion: other metadata, pad id -1.
+LLAMA1_7B = {
+    "architectures": ["LLaMAForCausalLM"], "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 11008, "initializer_range": 0.02, "max_sequence_length": 2048,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "pad_token_id": -1,
+    "rms_norm_eps": 1e-06, "torch_dtype": "float16", "transformers_version": "4.27.0.dev0", "use_cache": True,
+    "vocab_size": 32000,
+}
 TINY = dict(vocab_size=203, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, model_type="llama")
 
 
-def test_llama2_and_llama31_configs_load():
+def test_llama1_llama2_and_llama31_configs_load():
+    c1 = LlamaConfig.from_hf_dict(LLAMA1_7B)
+    assert (c1.num_key_value_heads, c1.head_dim, c1.pad_token_id, c1.rope_scaling) == (32, 128, -1, None)
     c2 = LlamaConfig.from_hf_dict(LLAMA2_7B)
     assert (c2.num_key_value_heads, c2.head_dim, c2.rope_theta, c2.rope_scaling) == (32, 128, 10000.0, None)
     assert c2.max_position_embeddings == 4096 and c2.rms_norm_eps == 1e-5
@@ -66,7 +76,7 @@ def test_transformers_5_save_pretrained_config_loads(tmp_path, extra):
         assert ours.rope_scaling == expected
 
 
-@pytest.mark.parametrize("base", [LLAMA2_7B, LLAMA31_8B, {**TINY, "head_dim": 32, "tie_word_embeddings": True}])
+@pytest.mark.parametrize("base", [LLAMA1_7B, LLAMA2_7B, LLAMA31_8B, {**TINY, "head_dim": 32, "tie_word_embeddings": True}])
 def test_to_hf_dict_round_trips_and_transformers_reads_it(base):
     ours = LlamaConfig.from_hf_dict(base)
     d = ours.to_hf_dict()

@@ -16,7 +16,7 @@ from typing import Any
 # Keys that never change what the network computes: bookkeeping, tokens ids, generation defaults.
 HARMLESS_HF_KEYS = frozenset({
     "_name_or_path", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-    "use_cache", "tokenizer_class", "_attn_implementation", "attn_implementation",
+    "use_cache", "tokenizer_class", "max_sequence_length", "gradient_checkpointing", "_attn_implementation", "attn_implementation",
     "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict",
     "torchscript", "use_bfloat16", "tf_legacy_loss", "is_decoder", "is_encoder_decoder",
     "add_cross_attention", "tie_encoder_decoder", "cross_attention_hidden_size",
