@@ -1,0 +1,389 @@
+"""Checkpoint format: file sets per (TP, PP) rank, atomic publish, validation, resharding on load.
+
+The reference for every shard is a plain slicing computation written from the layout rules
+(column-parallel split rows, row-parallel split columns, vocab padded to 128*TP then split rows),
+independent of the engine's own sharding helpers; files are read back with the safetensors library.
+"""
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dist_utils import run_distributed
+from engine.model.config import LlamaConfig
+from engine.model.llama import expected_shapes
+from engine.train import checkpoint as ck
+
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW = ("o_proj", "down_proj")
+
+
+def tiny_config(tied=False, **kw):
+    base = dict(vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=tied)
+    return LlamaConfig(**{**base, **kw})
+
+
+def random_full(config, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g).to(dtype) for n, s in expected_shapes(config).items()}
+
+
+def ref_shard(name, full, vocab, tp, r):
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        padded = -(-vocab // (128 * tp)) * 128 * tp
+        x = torch.zeros((padded, full.shape[1]), dtype=full.dtype)
+        x[:vocab] = full
+        n = padded // tp
+        return x[r * n:(r + 1) * n]
+    if any(k in name for k in COLUMN):
+        n = full.shape[0] // tp
+        return full[r * n:(r + 1) * n]
+    if any(k in name for k in ROW):
+        n = full.shape[1] // tp
+        return full[:, r * n:(r + 1) * n]
+    return full
+
+
+def ref_stage_names(config, pp, stage):
+    per = config.num_hidden_layers // pp
+    out = set()
+    for name in expected_shapes(config):
+        if name.startswith("layers."):
+            if int(name.split(".")[1]) // per == stage:
+                out.add(name)
+        elif name == "embed_tokens.weight":
+            if stage == 0 or (config.tie_word_embeddings and stage == pp - 1):
+                out.add(name)
+        elif stage == pp - 1:
+            out.add(name)
+    return out
+
+
+def ref_rank_states(config, full, tp, pp):
+    return {(t, p): {n: ref_shard(n, full[n], config.vocab_size, tp, t).clone()
+                     for n in ref_stage_names(config, pp, p)}
+            for t in range(tp) for p in range(pp)}
+
+
+# ------------------------------------------------------------------------------ safetensors streaming
+def test_streamed_safetensors_file_is_read_by_the_library_and_reads_library_files(tmp_path):
+    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7, dtype=torch.int64),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "mask": torch.tensor([True, False]),
+               "half": torch.randn(4).half()}
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    path = tmp_path / "x.safetensors"
+    with ck.SafetensorsWriter(path, specs, {"format": "pt"}) as w:
+        for k in reversed(list(tensors)):  # any order
+            w.write(k, tensors[k])
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert header_len % 8 == 0 and json.loads(raw[8:8 + header_len])["__metadata__"] == {"format": "pt"}
+    back = load_file(path)
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+    lib_path = tmp_path / "lib.safetensors"
+    save_file(tensors, lib_path)
+    infos, _ = ck.read_header(lib_path)
+    for k, v in tensors.items():
+        got = ck.read_tensor(lib_path, infos[k])
+        assert got.dtype == v.dtype and torch.equal(got, v)
+
+
+def test_streamed_writer_refuses_bad_tensors_and_removes_incomplete_files(tmp_path):
+    path = tmp_path / "x.safetensors"
+    specs = {"w": (torch.float32, (2, 2)), "v": (torch.float32, (3,))}
+    with pytest.raises(ValueError, match=r"'w' is torch.float32\[2, 3\], declared torch.float32\[2, 2\]"):
+        with ck.SafetensorsWriter(path, specs) as w:
+            w.write("w", torch.zeros(2, 3))
+    assert not path.exists()
+    with pytest.raises(ValueError, match="'z' was not declared"):
+        with ck.SafetensorsWriter(path, specs) as w:
+            w.write("z", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"never written: \['v'\]"):
+        with ck.SafetensorsWriter(path, specs) as w:
+            w.write("w", torch.zeros(2, 2))
+    assert not path.exists()
+
+
+def test_truncated_or_garbage_safetensors_is_refused_by_name(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.randn(100)}, good)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"cut.safetensors: tensor 'w': offsets"):
+        ck.read_header(cut)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not a tensor file")
+    with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):
+        ck.read_header(junk)
+
+
+def test_state_encoding_round_trips_rng_states_and_nested_structures():
+    torch.manual_seed(3)
+    random.seed(4)
+    np.random.seed(5)
+    state = {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+             "consumed_samples": 1234, "loader": {"epoch": 2, "position": (7, 9)}, "by_id": {0: 1.5, 3: [1, "x"]},
+             "__odd": None}
+    decoded = ck.decode_state(json.loads(json.dumps(ck.encode_state(state))))
+    assert decoded["consumed_samples"] == 1234 and decoded["loader"] == {"epoch": 2, "position": (7, 9)}
+    assert decoded["by_id"] == {0: 1.5, 3: [1, "x"]} and decoded["__odd"] is None
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.set_rng_state(decoded["rng"]["torch"])
+    random.setstate(decoded["rng"]["python"])
+    np.random.set_state(decoded["rng"]["numpy"])
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+
+
+# --------------------------------------------------------------------------------- save and load
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (2, 4)]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_save_writes_expected_shards_and_loads_back_bit_for_bit(tmp_path, tp, pp, tied):
+    config = tiny_config(tied)
+    full = random_full(config, dtype=torch.bfloat16)
+    path = ck.save_checkpoint(tmp_path, 7, config, tp, pp, ref_rank_states(config, full, tp, pp),
+                              meta={"consumed_samples": 99})
+    assert path == tmp_path / "iter_0000007" and (tmp_path / "latest").read_text() == "7\n"
+    info = json.loads((path / "checkpoint.json").read_text())
+    assert (info["tp"], info["pp"], info["iteration"], info["padded_vocab_size"]) == (tp, pp, 7, 128 * tp * -(-250 // (128 * tp)))
+    assert len(info["file_sets"]) == tp * pp and info["config"]["vocab_size"] == 250
+    for t in range(tp):
+        for p in range(pp):
+            with safe_open(path / f"mp_rank_{t:02d}_{p:03d}" / "model.safetensors", "pt") as f:
+                names = set(f.keys())
+                assert names == ref_stage_names(config, pp, p)
+                for n in names:
+                    assert torch.equal(f.get_tensor(n), ref_shard(n, full[n], 250, tp, t)), n
+            meta = json.loads((path / f"mp_rank_{t:02d}_{p:03d}" / "meta.json").read_text())
+            assert (meta["tp_rank"], meta["pp_rank"], meta["dtype"]) == (t, p, "bfloat16")
+    loaded = ck.load_full_tensors(tmp_path)
+    assert list(loaded) == ck.canonical_order(full)
+    for n, v in full.items():
+        assert loaded[n].dtype == v.dtype and torch.equal(loaded[n], v), n
+    ckpt = ck.open_checkpoint(tmp_path)
+    assert ckpt.meta(tp - 1, pp - 1) == {"consumed_samples": 99}
+
+
+@pytest.mark.parametrize("src,dst,tied", [((2, 2), (4, 1), False), ((1, 1), (2, 2), True),
+                                           ((4, 1), (1, 4), True), ((2, 1), (2, 4), False),
+                                           ((1, 4), (4, 2), False)])
+def test_resharding_load_equals_slicing_the_full_tensors(tmp_path, src, dst, tied):
+    config = tiny_config(tied)
+    full = random_full(config, seed=1)
+    ck.save_checkpoint(tmp_path, 0, config, *src, ref_rank_states(config, full, *src))
+    ckpt = ck.open_checkpoint(tmp_path)
+    tp, pp = dst
+    for t in range(tp):
+        for p in range(pp):
+            got = ck.load_rank_shard(ckpt, t, p, tp, pp)
+            assert set(got) == ref_stage_names(config, pp, p)
+            for n, v in got.items():
+                assert torch.equal(v, ref_shard(n, full[n], config.vocab_size, tp, t)), (t, p, n)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        ck.load_rank_shard(ckpt, 0, 0, 8, 1)
+
+
+def test_optimizer_state_and_rng_meta_resume_exactly(tmp_path):
+    config = tiny_config(num_hidden_layers=2)
+    local = ref_rank_states(config, random_full(config), 1, 1)[(0, 0)]  # vocab padded to 256 rows
+    params = {n: torch.nn.Parameter(v.clone()) for n, v in local.items()}
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.manual_seed(11)
+    ck.save_checkpoint(tmp_path, 3, config, 1, 1, {(0, 0): {n: p.detach() for n, p in params.items()}},
+                       meta={"rng": torch.get_rng_state()}, optimizer_states={(0, 0): opt.state_dict()})
+    expected_next = torch.rand(4)
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = grads[n].clone()
+    opt.step()
+
+    ckpt = ck.open_checkpoint(tmp_path)
+    assert ckpt.info["file_sets"][0]["optimizer_dp_ranks"] == [0]
+    restored = {n: torch.nn.Parameter(v) for n, v in ck.load_rank_shard(ckpt, 0, 0, 1, 1).items()}
+    opt2 = torch.optim.AdamW([restored[n] for n in params], lr=1e-2)
+    opt2.load_state_dict(ckpt.optimizer_state(0, 0))
+    for n, p in restored.items():
+        p.grad = grads[n].clone()
+    opt2.step()
+    for n in params:
+        assert torch.equal(restored[n], params[n]), n
+    torch.set_rng_state(ckpt.meta(0, 0)["rng"])
+    assert torch.equal(torch.rand(4), expected_next)
+    with pytest.raises(ck.CheckpointError, match="no optimizer state for data-parallel rank 1"):
+        ckpt.optimizer_state(0, 0, dp_rank=1)
+
+
+# --------------------------------------------------------------------------------- refused inputs
+@pytest.fixture
+def saved(tmp_path):
+    config = tiny_config()
+    full = random_full(config)
+    ck.save_checkpoint(tmp_path / "ck", 5, config, 2, 2, ref_rank_states(config, full, 2, 2))
+    return tmp_path / "ck", config, full
+
+
+def test_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ck.CheckpointError, match="not an engine checkpoint"):
+        ck.open_checkpoint(tmp_path)
+    with pytest.raises(ck.CheckpointError, match="no such checkpoint directory"):
+        ck.open_checkpoint(tmp_path / "absent")
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ck.CheckpointError, match="not an engine checkpoint"):
+        ck.open_checkpoint(tmp_path)
+
+
+def test_missing_rank_file_is_named(saved):
+    root, _, _ = saved
+    (root / "iter_0000005" / "mp_rank_01_001" / "model.safetensors").unlink()
+    with pytest.raises(ck.CheckpointError, match=r"mp_rank_01_001 \(TP rank 1, PP rank 1\) is missing \['model.safetensors'\]"):
+        ck.open_checkpoint(root)
+
+
+def _rewrite_rank_file(root, rank_dir, edit):
+    path = root / "iter_0000005" / rank_dir / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named(saved):
+    root, _, _ = saved
+    _rewrite_rank_file(root, "mp_rank_00_000", lambda t: t.pop("layers.1.mlp.up_proj.weight"))
+    _rewrite_rank_file(root, "mp_rank_01_001", lambda t: t.update({"layers.3.mlp.extra.weight": torch.zeros(2)}))
+    _rewrite_rank_file(root, "mp_rank_01_000", lambda t: t.update({"layers.0.self_attn.k_proj.weight": torch.zeros(8, 64)}))
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.open_checkpoint(root)
+    msg = str(err.value)
+    assert "mp_rank_00_000/model.safetensors: missing tensor(s) ['layers.1.mlp.up_proj.weight']" in msg
+    assert "mp_rank_01_001/model.safetensors: unexpected tensor(s) ['layers.3.mlp.extra.weight']" in msg
+    assert "layers.0.self_attn.k_proj.weight (8, 64) (expected (16, 64))" in msg
+
+
+def test_checkpoint_of_another_model_is_refused(saved, tmp_path):
+    root, config, _ = saved
+    other = tiny_config(hidden_size=32, intermediate_size=64)
+    with pytest.raises(ck.CheckpointError, match=r"another model; config differs: .*hidden_size: 64 != 32"):
+        ck.open_checkpoint(root, expect_config=other)
+    # A rank's file set taken from a checkpoint of another model.
+    ck.save_checkpoint(tmp_path / "other", 5, other, 2, 2, ref_rank_states(other, random_full(other), 2, 2))
+    dst = root / "iter_0000005" / "mp_rank_00_001"
+    shutil.rmtree(dst)
+    shutil.copytree(tmp_path / "other" / "iter_0000005" / "mp_rank_00_001", dst)
+    with pytest.raises(ck.CheckpointError, match=r"mp_rank_00_001/meta.json: config differs"):
+        ck.open_checkpoint(root)
+
+
+def test_save_refuses_wrong_states_by_name(tmp_path):
+    config = tiny_config()
+    states = ref_rank_states(config, random_full(config), 2, 1)
+    states[(1, 0)].pop("norm.weight")
+    with pytest.raises(ck.CheckpointError, match=r"TP rank 1, PP rank 0: missing tensor\(s\) \['norm.weight'\]"):
+        ck.save_checkpoint(tmp_path, 1, config, 2, 1, states)
+    with pytest.raises(ck.CheckpointError, match=r"no state for \(tp_rank, pp_rank\) \[\(1, 0\)\]"):
+        ck.save_checkpoint(tmp_path, 1, config, 2, 1, {(0, 0): states[(0, 0)]})
+    with pytest.raises(ValueError, match="does not divide the number of layers"):
+        ck.save_checkpoint(tmp_path, 1, config, 1, 3, {})
+    assert not (tmp_path / "latest").exists() and not (tmp_path / "iter_0000001").exists()
+
+
+def _fail_after(monkeypatch, n):
+    real = ck.SafetensorsWriter.write
+    calls = {"n": 0}
+
+    def write(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise OSError("disk full (simulated)")
+        real(self, name, tensor)
+    monkeypatch.setattr(ck.SafetensorsWriter, "write", write)
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["exception", "killed"])
+def test_interrupted_save_never_looks_complete(saved, monkeypatch, killed):
+    root, config, full = saved
+    new = {n: v + 1 for n, v in full.items()}
+    if killed:  # the process dies: no clean-up code runs
+        monkeypatch.setattr(ck.CheckpointWriter, "abort", lambda self: None)
+    _fail_after(monkeypatch, 20)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save_checkpoint(root, 6, config, 2, 2, ref_rank_states(config, new, 2, 2))
+    assert not (root / "iter_0000006").exists() and (root / "latest").read_text() == "5\n"
+    assert (root / "iter_0000006.saving").exists() == killed
+    with pytest.raises(ck.CheckpointError, match="iteration 6 is missing or incomplete"):
+        ck.open_checkpoint(root, iteration=6)
+    assert all(torch.equal(v, full[n]) for n, v in ck.load_full_tensors(root).items())
+    monkeypatch.undo()
+    ck.save_checkpoint(root, 6, config, 2, 2, ref_rank_states(config, new, 2, 2))  # leftovers replaced
+    assert not (root / "iter_0000006.saving").exists() and (root / "latest").read_text() == "6\n"
+    assert all(torch.equal(v, new[n]) for n, v in ck.load_full_tensors(root).items())
+
+
+def test_crash_before_latest_keeps_previous_checkpoint_current(saved, monkeypatch):
+    root, config, full = saved
+
+    def crash(path, text):
+        raise OSError("killed before latest (simulated)")
+    monkeypatch.setattr(ck, "write_text_atomic", crash)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(root, 8, config, 1, 1, ref_rank_states(config, full, 1, 1))
+    assert ck.open_checkpoint(root).iteration == 5
+
+
+def test_first_save_killed_leaves_no_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config()
+    monkeypatch.setattr(ck.CheckpointWriter, "abort", lambda self: None)
+    _fail_after(monkeypatch, 3)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(tmp_path, 0, config, 1, 1, ref_rank_states(config, random_full(config), 1, 1))
+    with pytest.raises(ck.CheckpointError, match="not an engine checkpoint.*unfinished save"):
+        ck.open_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------------------ distributed save
+def _distributed_save(rank, world_size, root):
+    config = tiny_config()
+    tp, pp = 2, 2
+    t, p = rank % tp, rank // tp
+    full = random_full(config, seed=2)
+    mine = ref_rank_states(config, full, tp, pp)[(t, p)]
+    path = ck.save_checkpoint_distributed(root, 10, config, tp, pp, t, p, mine, meta={"rank": rank},
+                                          optimizer_state={"step": torch.tensor(float(rank))})
+    # A second save where rank 3 hands a wrong state: every rank must fail, nothing published.
+    bad = dict(mine)
+    if rank == 3:
+        bad.pop("norm.weight")
+    try:
+        ck.save_checkpoint_distributed(root, 11, config, tp, pp, t, p, bad)
+        second = "saved"
+    except ck.CheckpointError as e:
+        second = str(e)
+    return str(path), second
+
+
+@pytest.mark.distributed
+def test_distributed_save_each_rank_writes_its_file_set(tmp_path):
+    results = run_distributed(_distributed_save, 4, args=(str(tmp_path),), timeout=180)
+    assert all(r[0] == str(tmp_path / "iter_0000010") for r in results)
+    assert all("rank 3: CheckpointError" in r[1] and "norm.weight" in r[1] for r in results)
+    assert (tmp_path / "latest").read_text() == "10\n" and not (tmp_path / "iter_0000011").exists()
+    config = tiny_config()
+    full = random_full(config, seed=2)
+    loaded = ck.load_full_tensors(tmp_path)
+    assert all(torch.equal(loaded[n], full[n]) for n in full)
+    ckpt = ck.open_checkpoint(tmp_path)
+    assert ckpt.meta(1, 1) == {"rank": 3}
+    assert ckpt.optimizer_state(0, 1)["step"].item() == 2.0
