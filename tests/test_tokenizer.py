@@ -75,7 +75,8 @@ def test_reward_spans_are_exact(corpus, which):
         windows = brute_force_label_windows(tok, encoded.tokens.tolist())
         assert [(s, e) for s, e, _ in windows] == [(s.start, s.end) for s in encoded.spans], record.where
         mask = encoded.reward_mask()
-        assert mask.dtype == np.uint8 and mask.sum() == sum(s.end - s.start for s in encoded.spans)
+        assert mask.dtype == np.uint8 and len(mask) == len(encoded.tokens)
+        assert np.flatnonzero(mask).tolist() == [i for s in encoded.spans for i in range(s.start, s.end)]
 
 
 def test_trained_tokenizer_has_single_token_markers_and_labels(corpus):

@@ -1,0 +1,229 @@
+"""Preprocessing end to end: synthetic logs and the real OBD sample, 1 vs 2 workers, bad lines, failed runs."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.data.indexed import IndexedDataset
+from engine.data.obd import iter_obd_rows
+from engine.data.preprocess import PreprocessConfig, PreprocessError, preprocess
+from engine.data.reward_bins import RewardBins
+from engine.data.sar import parse_json_line, parse_record, serialize_text
+from engine.data.synthetic import SyntheticConfig, write_logs
+from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OBD = "/work/shared/data/obd"
+OUTPUTS = (".bin", ".idx", "_reward_mask.bin", "_reward_mask.idx", ".reward_bins.json", ".meta.json")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    write_logs(SyntheticConfig(seed=4, train_per_domain=150, valid_per_domain=40, test_per_domain=0), str(root / "syn"))
+    episodes = root / "episodes.jsonl"
+    episodes.write_text("\n".join(json.dumps(r) for r in [
+        {"domain": "game", "steps": [{"state": {"hp": i}, "action": {"move": "left"}, "reward": {"score": i * 1.5}}
+                                     for i in range(1 + k % 3)]} for k in range(12)]) + "\n\n")
+    records = [parse_json_line(line, "x")
+               for path in sorted((root / "syn" / "train").iterdir()) for line in path.read_text().splitlines()]
+    bins = RewardBins.fit_records(records)
+    tok = train_tokenizer([serialize_text(r, bins.classify) for r in records], str(root / "tok.model"), vocab_size=400)
+    return {"root": root, "tok": tok, "train": str(root / "syn" / "train"), "episodes": str(episodes)}
+
+
+def run(env, inputs, out, **kw):
+    config = PreprocessConfig(inputs=inputs, output_prefix=str(out), tokenizer_model=env["tok"].model_path,
+                              progress=False, chunk_size=kw.pop("chunk_size", 17), **kw)
+    return preprocess(config)
+
+
+def read_bytes(prefix):
+    return {suffix: open(f"{prefix}{suffix}", "rb").read() for suffix in OUTPUTS}
+
+
+def check_dataset(prefix, expected_records, encoder, append_eod):
+    ds, mask = IndexedDataset(prefix), IndexedDataset(prefix + "_reward_mask")
+    assert len(ds) == len(mask) == len(expected_records)
+    assert mask.dtype == np.uint8 and ds.dtype == np.uint16
+    assert np.array_equal(ds.sequence_lengths, mask.sequence_lengths)
+    assert np.array_equal(ds.document_indices, np.arange(len(ds) + 1))  # one document per record
+    for i, record in enumerate(expected_records):
+        encoded = encoder.encode(record)
+        tokens, m = encoded.tokens.tolist(), encoded.reward_mask().tolist()
+        if append_eod:
+            tokens, m = tokens + [encoder.tokenizer.eos_id], m + [0]
+        assert ds[i].tolist() == tokens and mask[i].tolist() == m
+        assert encoder.tokenizer.decode(ds[i][np.asarray(mask[i], dtype=bool)]) == "".join(
+            f"<|r{s.label_class}|>" for s in encoded.spans)
+
+
+def test_synthetic_end_to_end_identical_for_1_and_2_workers(env, tmp_path):
+    s1 = run(env, [env["train"], env["episodes"]], tmp_path / "w1" / "data", workers=1, append_eod=True)
+    s2 = run(env, [env["train"], env["episodes"]], tmp_path / "w2" / "data", workers=2, append_eod=True)
+    assert read_bytes(tmp_path / "w1" / "data") == read_bytes(tmp_path / "w2" / "data")
+    assert (s1.records, s1.episodes, s1.steps, s1.blank_lines) == (4 * 150 + 12, 12, 4 * 150 + 24, 1)
+    assert s1.tokens == s2.tokens and s1.reward_tokens == s1.steps  # one reward field per step, one token each
+    # Independent expectation: every input line parsed and encoded on its own, in input order.
+    files = sorted(os.path.join(env["train"], f) for f in os.listdir(env["train"])) + [env["episodes"]]
+    records = [parse_json_line(line, f"{p}:{i}") for p in files
+               for i, line in enumerate(open(p).read().splitlines(), 1) if line.strip()]
+    bins = RewardBins.load(str(tmp_path / "w1" / "data.reward_bins.json"))
+    assert bins == RewardBins.fit_records(records)
+    check_dataset(str(tmp_path / "w1" / "data"), records, RecordEncoder(env["tok"], bins), append_eod=True)
+    meta = json.loads((tmp_path / "w1" / "data.meta.json").read_text())
+    assert meta["counts"]["records"] == s1.records and meta["counts"]["bad_lines"] == 0
+    assert meta["tokenizer"]["vocab_size"] == env["tok"].vocab_size and meta["append_eod"] is True
+    assert meta["reward_label_ids"]["<|r1|>"] == env["tok"].encode("<|r1|>")
+    assert meta["domains"]["game"] == 12
+    assert not [f for f in os.listdir(tmp_path / "w1") if "tmp" in f]
+
+
+def test_validation_split_uses_training_bins(env, tmp_path):
+    run(env, [env["train"]], tmp_path / "train")
+    bins_path = str(tmp_path / "train.reward_bins.json")
+    valid = os.path.join(os.path.dirname(env["train"]), "valid")
+    run(env, [valid], tmp_path / "valid", reward_bins=bins_path)
+    assert RewardBins.load(str(tmp_path / "valid.reward_bins.json")) == RewardBins.load(bins_path)
+    assert json.loads((tmp_path / "valid.meta.json").read_text())["reward_bins_source"] == os.path.abspath(bins_path)
+    # A field the training bins do not know is a bad line naming file:line and the field.
+    with pytest.raises(PreprocessError, match=r"episodes.jsonl:1: field 'steps\[0\].reward.score': no reward bins"):
+        run(env, [env["episodes"]], tmp_path / "ep", reward_bins=bins_path)
+    assert not os.path.exists(tmp_path / "ep.idx")
+
+
+@pytest.fixture(scope="module")
+def obd_subset(tmp_path_factory):
+    """First 120 rows of each of the six OBD logs, with their item_context.csv."""
+    root = tmp_path_factory.mktemp("obd")
+    for policy in ("random", "bts"):
+        for campaign in ("all", "men", "women"):
+            src, dst = os.path.join(OBD, policy, campaign), root / policy / campaign
+            dst.mkdir(parents=True)
+            with open(os.path.join(src, f"{campaign}.csv")) as fh:
+                (dst / f"{campaign}.csv").write_text("".join(next(fh) for _ in range(121)))
+            shutil.copy(os.path.join(src, "item_context.csv"), dst / "item_context.csv")
+    return root
+
+
+@pytest.mark.skipif(not os.path.isdir(OBD), reason="OBD sample not present")
+def test_obd_sample_end_to_end(env, obd_subset, tmp_path):
+    s1 = run(env, [str(obd_subset)], tmp_path / "a" / "obd", workers=1)
+    s2 = run(env, [str(obd_subset)], tmp_path / "b" / "obd", workers=2)
+    assert read_bytes(tmp_path / "a" / "obd") == read_bytes(tmp_path / "b" / "obd")
+    assert s1.records == s2.records == 720 and s1.num_bad_lines == 0
+    assert sorted(s1.domains) == [f"obd/{p}/{c}" for p in ("bts", "random") for c in ("all", "men", "women")]
+    bins = RewardBins.load(str(tmp_path / "a" / "obd.reward_bins.json"))
+    assert all(fb.kind == "binary" for fb in bins.fields.values())
+    rows = [(where, r) for policy in ("bts", "random") for c in ("all", "men", "women")
+            for where, r in iter_obd_rows(str(obd_subset / policy / c / f"{c}.csv"))]
+    assert [w for w, _ in rows][:2] == [f"{obd_subset}/bts/all/all.csv:2", f"{obd_subset}/bts/all/all.csv:3"]
+    records = [parse_record(r, w) for w, r in rows]
+    check_dataset(str(tmp_path / "a" / "obd"), records, RecordEncoder(env["tok"], bins), append_eod=False)
+    first = records[0]
+    assert 0 < first.meta["propensity_score"] <= 1
+    text = serialize_text(first, bins.classify)
+    assert "propensity" not in text and repr(first.meta["propensity_score"])[:8] not in text
+    assert first.steps[0].reward == {"click": float(open(obd_subset / "bts/all/all.csv").readlines()[1].split(",")[4])}
+
+
+def test_obd_malformed_row_names_file_line_and_column(obd_subset, tmp_path):
+    src = obd_subset / "random" / "men"
+    dst = tmp_path / "random" / "men"
+    dst.mkdir(parents=True)
+    shutil.copy(src / "item_context.csv", dst / "item_context.csv")
+    lines = (src / "men.csv").read_text().splitlines(keepends=True)[:10]
+    cells = lines[4].split(",")
+    cells[4] = "2"  # click
+    lines[4] = ",".join(cells)
+    cells = lines[6].split(",")
+    cells[2] = "999"  # item_id
+    lines[6] = ",".join(cells)
+    lines[8] = lines[8].rsplit(",", 1)[0] + "\n"  # a column short
+    (dst / "men.csv").write_text("".join(lines))
+    errors = [(w, str(e)) for w, e in iter_obd_rows(str(dst / "men.csv")) if isinstance(e, Exception)]
+    path = str(dst / "men.csv")
+    assert [w for w, _ in errors] == [f"{path}:5", f"{path}:7", f"{path}:9"]
+    assert "field 'click': must be 0 or 1" in errors[0][1]
+    assert "field 'item_id': item 999 is not in item_context.csv" in errors[1][1]
+    assert "columns, header has" in errors[2][1]
+
+
+def write_with_bad_line(env, tmp_path):
+    src = os.path.join(env["train"], "ads_ctr.jsonl")
+    lines = open(src).read().splitlines(keepends=True)
+    lines[4] = lines[4].replace('"click":', '"click":"yes","x":')  # line 5
+    lines.insert(9, "{not json\n")                                 # line 10
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(lines))
+    return str(path), len(lines)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_line_fails_with_file_line_and_leaves_nothing(env, tmp_path, workers):
+    path, _ = write_with_bad_line(env, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PreprocessError, match=rf"bad.jsonl:5: field 'reward.click': .*--skip-bad-lines"):
+        run(env, [path], out / "data", workers=workers)
+    assert os.listdir(out) == []
+    # Bins given: the error surfaces in the encoding pass, after some records were written.
+    bins = str(tmp_path / "bins.json")
+    RewardBins.fit({("ads/ctr", "click"): [0, 1]}).save(bins)
+    with pytest.raises(PreprocessError, match=r"bad.jsonl:5"):
+        run(env, [path], out / "data", workers=workers, reward_bins=bins, chunk_size=2)
+    assert os.listdir(out) == []
+
+
+def test_skip_bad_lines_counts_and_lists_them(env, tmp_path):
+    path, total = write_with_bad_line(env, tmp_path)
+    s = run(env, [path], tmp_path / "data", workers=2, skip_bad_lines=True)
+    assert s.records == total - 2 and s.num_bad_lines == 2
+    meta = json.loads((tmp_path / "data.meta.json").read_text())
+    assert [b["where"] for b in meta["bad_lines"]] == [f"{path}:5", f"{path}:10"]
+    assert "invalid JSON" in meta["bad_lines"][1]["error"] and meta["counts"]["bad_lines"] == 2
+    assert len(IndexedDataset(str(tmp_path / "data"))) == total - 2
+    assert f"{path}:5" in s.format()
+
+
+def test_failed_run_keeps_previous_output_and_leaves_no_temporaries(env, tmp_path):
+    run(env, [env["episodes"]], tmp_path / "data")
+    before = read_bytes(tmp_path / "data")
+    path, _ = write_with_bad_line(env, tmp_path)
+    with pytest.raises(PreprocessError):
+        run(env, [path], tmp_path / "data")
+    assert read_bytes(tmp_path / "data") == before
+    assert sorted(os.listdir(tmp_path)) == sorted(["bad.jsonl"] + [f"data{s}" for s in OUTPUTS])
+
+
+def test_input_errors(env, tmp_path):
+    with pytest.raises(PreprocessError, match="input not found"):
+        run(env, [str(tmp_path / "nope.jsonl")], tmp_path / "x")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(PreprocessError, match="unsupported input"):
+        run(env, [str(tmp_path / "notes.txt")], tmp_path / "x")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(PreprocessError, match="no valid records"):
+        run(env, [str(tmp_path / "empty.jsonl")], tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x.idx")
+
+
+def test_command_line_tools(env, tmp_path):
+    model_prefix = tmp_path / "cli_tok"
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", env["train"],
+                    "--model-prefix", str(model_prefix), "--vocab-size", "350", "--threads", "1"],
+                   check=True, capture_output=True, text=True)
+    assert Tokenizer(f"{model_prefix}.model").is_single_token("<|reward|>")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", env["episodes"],
+           "--output-prefix", str(tmp_path / "cli"), "--tokenizer-model", f"{model_prefix}.model",
+           "--workers", "2", "--append-eod"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "records 12 (episodes 12" in done.stdout and "tokens/s" in done.stdout and "records/s" in done.stderr
+    path, _ = write_with_bad_line(env, tmp_path)
+    done = subprocess.run(cmd[:3] + [path] + cmd[4:], capture_output=True, text=True)
+    assert done.returncode == 1 and "bad.jsonl:5" in done.stderr
