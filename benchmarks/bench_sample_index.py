@@ -101,8 +101,9 @@ def main() -> None:
                 lambda: GPTSampleDataset(indexed, seq_length, 1234, num_epochs=1, cache_dir=cache),
                 args.repeats)
             assert not cold.loaded_from_cache and warm.loaded_from_cache
-        print(f"| {seq_length} | {index.shuffle.size:,} | {t_cpp:.4f} | {t_py:.2f} | "
-              f"{t_py / t_cpp:.0f}x | {t_cold:.3f} | {t_warm:.3f} |")
+        python_cells = ("not run | -" if args.skip_python else f"{t_py:.2f} | {t_py / t_cpp:.0f}x")
+        print(f"| {seq_length} | {index.shuffle.size:,} | {t_cpp:.4f} | {python_cells} | "
+              f"{t_cold:.3f} | {t_warm:.3f} |")
 
     weights = np.array([0.6, 0.3, 0.1])
     t_blend, _ = best_of(lambda: _C.blending_indices(weights, args.blend_size), args.repeats)

@@ -269,7 +269,7 @@ class GPTSampleDataset:
         self._document_indices = np.ascontiguousarray(indexed.document_indices, dtype=np.int64)
         counts = document_token_counts(indexed.sequence_lengths, self._document_indices)
         ids = self._check_document_ids(document_ids, counts.size, name)
-        tokens = int(counts[ids].sum())
+        tokens = int(counts.sum() if document_ids is None else counts[ids].sum())
         if tokens < 1:
             raise ValueError(f"{name}: the {ids.size} selected documents hold no tokens")
         self.plan = IndexPlan.make(tokens, seq_length, seed, num_samples, num_epochs)
