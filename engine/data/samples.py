@@ -96,9 +96,11 @@ def sequence_starts(sequence_lengths: np.ndarray) -> np.ndarray:
     return starts
 
 
-def document_token_counts(sequence_lengths: np.ndarray, document_indices: np.ndarray) -> np.ndarray:
-    """Tokens per document: the summed lengths of its sequences (int64)."""
-    starts = sequence_starts(sequence_lengths)
+def document_token_counts(sequence_lengths: np.ndarray, document_indices: np.ndarray,
+                          starts: np.ndarray | None = None) -> np.ndarray:
+    """Tokens per document: the summed lengths of its sequences (int64). ``starts``, if given, is
+    ``sequence_starts(sequence_lengths)`` already computed."""
+    starts = sequence_starts(sequence_lengths) if starts is None else starts
     docs = np.asarray(document_indices, dtype=np.int64)
     n_seq = starts.size - 1
     if docs.ndim != 1 or docs.size < 1 or docs[0] != 0 or docs[-1] != n_seq:
@@ -263,16 +265,17 @@ class GPTSampleDataset:
                  num_epochs: int | None = None, cache_dir: str | None = None,
                  document_ids: Sequence[int] | np.ndarray | None = None):
         self.indexed = indexed
-        self.seq_length = int(seq_length)
         name = getattr(indexed, "prefix", "<indexed dataset>")
         self._sequence_starts = sequence_starts(indexed.sequence_lengths)
         self._document_indices = np.ascontiguousarray(indexed.document_indices, dtype=np.int64)
-        counts = document_token_counts(indexed.sequence_lengths, self._document_indices)
+        counts = document_token_counts(indexed.sequence_lengths, self._document_indices,
+                                       self._sequence_starts)
         ids = self._check_document_ids(document_ids, counts.size, name)
         tokens = int(counts.sum() if document_ids is None else counts[ids].sum())
         if tokens < 1:
             raise ValueError(f"{name}: the {ids.size} selected documents hold no tokens")
         self.plan = IndexPlan.make(tokens, seq_length, seed, num_samples, num_epochs)
+        self.seq_length = self.plan.seq_length
         self.cache_key = hash_inputs([
             ("version", ALGORITHM_VERSION), ("document_token_counts", counts),
             ("document_ids", ids if document_ids is not None else "all"),
