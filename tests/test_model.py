@@ -281,3 +281,16 @@ def test_dispatch_reaches_the_triton_kernels(monkeypatch):
     ops.attention(q, k, v)
     ops.rms_norm(x, w, 1e-5)
     assert calls == ["flash_attention", "rms_norm"]
+
+
+def test_training_after_inference_mode_evaluation():
+    config = LlamaConfig(**BASE)
+    model = Llama(config)
+    model.init_weights(seed=0)
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    with torch.inference_mode():
+        expected = model(ids)
+    logits = model(ids)
+    logits.sum().backward()
+    assert torch.equal(logits.detach(), expected)
+    assert model.layers["0"].self_attn.q_proj.weight.grad is not None

@@ -77,8 +77,10 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[..., None].float() * self._inv_freq[device]
         angles = torch.cat((freqs, freqs), dim=-1)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        if position_ids is None:
-            self._cache = {key: (cos, sin)}  # one entry: sequence length rarely changes in training
+        # One entry: sequence length rarely changes in training. Inference-mode tensors are not
+        # cached, since autograd could not save them in a later training step.
+        if position_ids is None and not torch.is_inference_mode_enabled():
+            self._cache = {key: (cos, sin)}
         return cos, sin
 
 
