@@ -148,6 +148,8 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
     bits back). Returns the published ``iter_0000000`` directory.
     """
     dtype = parse_dtype(dtype)
+    if not Path(hf_dir).is_dir():
+        raise ConversionError(f"{hf_dir}: no such Hugging Face directory")
     config = read_hf_config(hf_dir)
     validate_layout(config, tp, pp)  # before touching any tensor
     config, plan, tied_head = plan_hf_import(hf_dir)

@@ -1,0 +1,311 @@
+"""Hugging Face <-> engine checkpoint conversion against `transformers` and the safetensors library.
+
+Reference models are `transformers.LlamaForCausalLM` with random weights saved by `save_pretrained`
+(single file and sharded with an index). Import then export must give back the same tensors bit for
+bit and a directory `transformers` loads to the same logits; every rank file must hold exactly the
+slices a plain computation from the layout rules gives.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from engine.convert import sharded
+from engine.train import checkpoint as ck
+from test_checkpoint import ref_shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    # GQA, untied, vocab not a multiple of 128, fp32, one file.
+    "gqa": (dict(vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False), torch.float32, None),
+    # MHA, tied embeddings, bf16, sharded with an index.
+    "tied_bf16_sharded": (dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                               rope_theta=500000.0), torch.bfloat16, "40KB"),
+    # Llama-3 style RoPE scaling, GQA 4:1, untied, fp16, sharded.
+    "llama3_fp16": (dict(vocab_size=200, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+                    torch.float16, "30KB"),
+}
+TOKENIZER_FILES = {"tokenizer.model": b"\x00\x01sentencepiece-bytes\xff",
+                   "tokenizer_config.json": b'{"model_max_length": 64}\n'}
+
+
+def make_hf_dir(path, variant, seed=0):
+    kwargs, dtype, shard = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).to(dtype)
+    with torch.no_grad():  # norms start at 1: randomise them so that a swap would be visible
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
+    for name, data in TOKENIZER_FILES.items():
+        (Path(path) / name).write_bytes(data)
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hf")
+    return {v: make_hf_dir(base / v, v) for v in VARIANTS}
+
+
+def hf_tensors(path):
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def logits(path, ids):
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_rank_files_match_slicing(ckpt_root, original, config, tp, pp):
+    """Every rank file holds exactly its slices (plain computation from the layout rules)."""
+    it_dir = ckpt_root / "iter_0000000"
+    per = config["num_hidden_layers"] // pp
+    for t in range(tp):
+        for p in range(pp):
+            expected = {}
+            for hf_name, full in original.items():
+                name = hf_name.removeprefix("model.")
+                layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+                on_stage = (layer // per == p if layer is not None else
+                            p == 0 or (config["tie_word_embeddings"] and p == pp - 1)
+                            if name == "embed_tokens.weight" else p == pp - 1)
+                if on_stage:
+                    expected[name] = ref_shard(name, full, config["vocab_size"], tp, t)
+            with safe_open(it_dir / f"mp_rank_{t:02d}_{p:03d}" / "model.safetensors", "pt") as f:
+                assert set(f.keys()) == set(expected), (t, p)
+                for name, want in expected.items():
+                    got = f.get_tensor(name)
+                    assert got.dtype == want.dtype and torch.equal(got, want), (t, p, name)
+
+
+CASES = [("gqa", 1, 1, None), ("gqa", 2, 1, "20KB"), ("gqa", 1, 2, None), ("gqa", 2, 2, None),
+         ("gqa", 4, 1, None), ("gqa", 2, 4, "50KB"), ("tied_bf16_sharded", 1, 1, None),
+         ("tied_bf16_sharded", 2, 2, None), ("tied_bf16_sharded", 4, 1, "25KB"),
+         ("tied_bf16_sharded", 1, 2, None), ("llama3_fp16", 2, 2, None), ("llama3_fp16", 2, 1, "40KB")]
+
+
+@pytest.mark.parametrize("variant,tp,pp,max_shard", CASES)
+def test_import_export_round_trip_is_bit_exact_and_loads_in_transformers(hf_dirs, tmp_path, variant, tp, pp,
+                                                                          max_shard):
+    src = hf_dirs[variant]
+    config = json.loads((src / "config.json").read_text())
+    original = hf_tensors(src)
+    ckpt_root = tmp_path / "ckpt"
+    assert sharded.import_hf(src, ckpt_root, tp=tp, pp=pp, progress=False) == ckpt_root / "iter_0000000"
+    assert_rank_files_match_slicing(ckpt_root, original, config, tp, pp)
+    assert (ckpt_root / "tokenizer" / "tokenizer.model").read_bytes() == TOKENIZER_FILES["tokenizer.model"]
+
+    out = tmp_path / "out"
+    sharded.export_hf(ckpt_root, out, progress=False, **({"max_shard_size": max_shard} if max_shard else {}))
+    exported = hf_tensors(out)
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    n_files = len(list(out.glob("*.safetensors")))
+    assert (out / "model.safetensors.index.json").exists() == (n_files > 1)
+    if max_shard:
+        assert n_files > 1
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(original)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+    for name, data in TOKENIZER_FILES.items():
+        assert (out / name).read_bytes() == data
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    ids = torch.randint(0, config["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(out, ids), logits(src, ids))
+
+
+def test_exported_model_matches_transformers_after_training_like_update_and_reshard(hf_dirs, tmp_path):
+    """A later iteration saved in another layout is what export picks up (latest, or by number)."""
+    src = hf_dirs["gqa"]
+    root = tmp_path / "ckpt"
+    sharded.import_hf(src, root, tp=2, pp=2, progress=False)
+    ckpt = ck.open_checkpoint(root)
+    states = {}
+    for t in range(4):
+        for p in range(1):
+            states[(t, p)] = {n: (v * 0.5 if v.dim() == 2 else v) for n, v in ck.load_rank_shard(ckpt, t, p, 4, 1).items()}
+    ck.save_checkpoint(root, 100, ckpt.config, 4, 1, states)
+
+    sharded.export_hf(root, tmp_path / "latest", progress=False)
+    sharded.export_hf(root, tmp_path / "first", iteration=0, progress=False)
+    original = hf_tensors(src)
+    halved = hf_tensors(tmp_path / "latest")
+    assert all(torch.equal(halved[n], v * 0.5 if v.dim() == 2 else v) for n, v in original.items())
+    assert all(torch.equal(hf_tensors(tmp_path / "first")[n], v) for n, v in original.items())
+    model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(0.5)
+        ids = torch.randint(0, 250, (1, 6))
+        assert torch.equal(logits(tmp_path / "latest", ids), model(ids).logits)
+
+
+def test_import_dtype_cast_and_tokenizer_dir_option(hf_dirs, tmp_path):
+    sharded.import_hf(hf_dirs["gqa"], tmp_path / "ck", tp=1, pp=1, dtype="bf16", progress=False)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"version": "1.0"}')
+    sharded.export_hf(tmp_path / "ck", tmp_path / "out", tokenizer_dir=tok, progress=False)
+    exported = hf_tensors(tmp_path / "out")
+    assert all(exported[n].dtype == torch.bfloat16 and torch.equal(exported[n], v.to(torch.bfloat16))
+               for n, v in hf_tensors(hf_dirs["gqa"]).items())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "out" / "tokenizer.json").exists() and not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+# ------------------------------------------------------------------------------------ refused inputs
+def edited_copy(src, dst, edit_tensors=None, edit_config=None):
+    """A single-file copy of a HF dir with its tensors or config edited."""
+    dst.mkdir()
+    tensors = hf_tensors(src)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    if edit_config:
+        edit_config(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def assert_refused(hf_dir, save, match, **kw):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        sharded.import_hf(hf_dir, save, progress=False, **{"tp": 2, "pp": 2, **kw})
+    assert not save.exists()
+    assert not [p for p in save.parent.iterdir() if p.name.startswith(f".{save.name}.")]
+
+
+def test_missing_unexpected_and_misshaped_hf_tensors_are_named(hf_dirs, tmp_path):
+    src = hf_dirs["gqa"]
+    missing = edited_copy(src, tmp_path / "missing", lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
+    assert_refused(missing, tmp_path / "ck", r"missing tensor\(s\): \['model.layers.2.mlp.up_proj.weight'\]")
+    extra = edited_copy(src, tmp_path / "extra",
+                        lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    assert_refused(extra, tmp_path / "ck", r"unexpected tensor\(s\): \['model.layers.0.self_attn.q_proj.bias'\]")
+    bad = edited_copy(src, tmp_path / "bad", lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(64, 64)}))
+    assert_refused(bad, tmp_path / "ck", r"mis-shaped tensor\(s\): \['model.layers.1.self_attn.k_proj.weight "
+                                         r"\[64, 64\] \(config.json implies \[32, 64\]\)'\]")
+    old_buffers = edited_copy(src, tmp_path / "inv_freq",
+                              lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    sharded.import_hf(old_buffers, tmp_path / "ok", tp=1, pp=1, progress=False)  # saved buffers are skipped
+
+
+def test_unsupported_config_fields_and_impossible_layouts_are_named(hf_dirs, tmp_path):
+    src = hf_dirs["gqa"]
+    bias = edited_copy(src, tmp_path / "bias", edit_config=lambda c: c.update(attention_bias=True))
+    assert_refused(bias, tmp_path / "ck", "attention_bias=True: biases in the attention projections")
+    unknown = edited_copy(src, tmp_path / "unknown", edit_config=lambda c: c.update(fancy_gate=3))
+    assert_refused(unknown, tmp_path / "ck", "unknown field 'fancy_gate'")
+    assert_refused(src, tmp_path / "ck", r"does not divide the number of key/value heads \(num_key_value_heads=4\)", tp=8, pp=1)
+    assert_refused(src, tmp_path / "ck", r"does not divide the number of layers \(num_hidden_layers=4\)", tp=1, pp=3)
+    assert_refused(tmp_path / "absent", tmp_path / "ck", "absent: no such Hugging Face directory")
+    (tmp_path / "empty").mkdir()
+    assert_refused(tmp_path / "empty", tmp_path / "ck", "no config.json")
+    (tmp_path / "ck_busy").mkdir()
+    (tmp_path / "ck_busy" / "x").write_text("keep me")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        sharded.import_hf(src, tmp_path / "ck_busy", progress=False)
+    assert (tmp_path / "ck_busy" / "x").read_text() == "keep me"
+
+
+def test_export_refuses_non_checkpoints_and_incomplete_checkpoints(hf_dirs, tmp_path):
+    with pytest.raises(ck.CheckpointError, match="not an engine checkpoint"):
+        sharded.export_hf(hf_dirs["gqa"], tmp_path / "out", progress=False)
+    root = tmp_path / "ck"
+    sharded.import_hf(hf_dirs["gqa"], root, tp=2, pp=2, progress=False)
+    (root / "iter_0000000" / "mp_rank_01_000" / "model.safetensors").unlink()
+    with pytest.raises(ck.CheckpointError, match=r"mp_rank_01_000 \(TP rank 1, PP rank 0\) is missing"):
+        sharded.export_hf(root, tmp_path / "out", progress=False)
+    with pytest.raises(ck.CheckpointError, match="iteration 3 is missing"):
+        sharded.export_hf(root, tmp_path / "out", iteration=3, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_model_is_refused_on_export(hf_dirs, tmp_path):
+    sharded.import_hf(hf_dirs["gqa"], tmp_path / "a", tp=1, pp=2, progress=False)
+    sharded.import_hf(hf_dirs["llama3_fp16"], tmp_path / "b", tp=1, pp=2, progress=False)
+    # Stage 1 of checkpoint a replaced by stage 1 of a different model.
+    import shutil
+    stage = tmp_path / "a" / "iter_0000000" / "mp_rank_00_001"
+    shutil.rmtree(stage)
+    shutil.copytree(tmp_path / "b" / "iter_0000000" / "mp_rank_00_001", stage)
+    with pytest.raises(ck.CheckpointError, match=r"mp_rank_00_001/model.safetensors: mis-shaped tensor\(s\).*"
+                                                 r"mp_rank_00_001/meta.json: config differs"):
+        sharded.export_hf(tmp_path / "a", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("direction", ["import", "export"])
+def test_interrupted_conversion_leaves_no_output(hf_dirs, tmp_path, monkeypatch, direction):
+    src = hf_dirs["tied_bf16_sharded"]
+    if direction == "export":
+        sharded.import_hf(src, tmp_path / "ck", tp=2, pp=1, progress=False)
+    real = ck.SafetensorsWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise OSError("no space left on device (simulated)")
+        real(self, name, tensor)
+    monkeypatch.setattr(ck.SafetensorsWriter, "write", failing_write)
+    dest = tmp_path / "dest"
+    with pytest.raises(OSError, match="simulated"):
+        if direction == "import":
+            sharded.import_hf(src, dest, tp=2, pp=1, progress=False)
+        else:
+            sharded.export_hf(tmp_path / "ck", dest, progress=False)
+    assert not dest.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_size_and_dtype_parsing():
+    assert sharded.parse_size("5GB") == 5 * 10**9 and sharded.parse_size("2GiB") == 2 * 2**30
+    assert sharded.parse_size("40KB") == 40_000 and sharded.parse_size(123) == 123
+    with pytest.raises(ValueError, match="cannot read the size '5 parsecs'"):
+        sharded.parse_size("5 parsecs")
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        sharded.parse_dtype("int3")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_import_export_and_error_exit(hf_dirs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tool = [sys.executable, str(REPO / "tools" / "convert_hf.py")]
+    src = hf_dirs["tied_bf16_sharded"]
+    run = subprocess.run(tool + ["import", "--hf-dir", str(src), "--save", str(tmp_path / "ck"), "--tp", "2",
+                                 "--pp", "2", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "TP=2 x PP=2" in run.stdout and "vocab 300 (padded 512)" in run.stdout
+    run = subprocess.run(tool + ["export", "--load", str(tmp_path / "ck"), "--hf-dir", str(tmp_path / "out"),
+                                 "--max-shard-size", "30KB"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "export" in run.stderr  # the progress bar
+    original, exported = hf_tensors(src), hf_tensors(tmp_path / "out")
+    assert set(original) == set(exported) and all(torch.equal(exported[n], v) for n, v in original.items())
+    run = subprocess.run(tool + ["import", "--hf-dir", str(src), "--save", str(tmp_path / "ck3"), "--tp", "3"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and "error: tensor-parallel size 3 does not divide" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "ck3").exists()
