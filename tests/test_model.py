@@ -223,6 +223,8 @@ def test_init_weights_refuses_sharded_shapes():
 
 
 def test_pipeline_stages_compose_to_the_full_model():
+    with pytest.raises(ValueError, match="layer index 2"):
+        Llama(LlamaConfig(**BASE), layer_ids=[2])
     for kwargs in (CONFIGS["gqa2_llama2"], CONFIGS["mha_tied"]):
         config = LlamaConfig(**kwargs)
         full = Llama(config)
