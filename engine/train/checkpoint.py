@@ -292,13 +292,23 @@ def expected_rank_shapes(config: LlamaConfig, tp: int, pp: int, pp_rank: int) ->
 
 
 def shard_tensor(name: str, full: torch.Tensor, config: LlamaConfig, tp: int, tp_rank: int) -> torch.Tensor:
-    """TP rank ``tp_rank``'s shard of a full, unpadded parameter (vocab padded with zero rows)."""
-    if is_vocab_parallel(name):
-        pad = padded_vocab_size(config.vocab_size, tp) - full.shape[0]
-        if pad:
-            full = torch.cat([full, full.new_zeros((pad, *full.shape[1:]))])
+    """TP rank ``tp_rank``'s shard of a full, unpadded parameter (vocab padded with zero rows).
+
+    A view where possible; only a shard reaching into the vocabulary padding is a new tensor.
+    """
     dim = tp_shard_dim(name)
-    return full if dim is None else full.chunk(tp, dim)[tp_rank]
+    if dim is None:
+        return full
+    if not is_vocab_parallel(name):
+        return full.chunk(tp, dim)[tp_rank]
+    rows = padded_vocab_size(config.vocab_size, tp) // tp
+    lo, hi = tp_rank * rows, (tp_rank + 1) * rows
+    if hi <= full.shape[0]:
+        return full[lo:hi]
+    out = full.new_zeros((rows, *full.shape[1:]))
+    kept = max(0, full.shape[0] - lo)
+    out[:kept] = full[lo:lo + kept]
+    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -682,14 +692,23 @@ def _as_checkpoint(ckpt: Checkpoint | str | os.PathLike, iteration: int | None =
 
 
 def read_full_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """One parameter reassembled from its TP shards, vocabulary padding removed."""
+    """One parameter reassembled from its TP shards, vocabulary padding removed.
+
+    Shards are copied one by one into the result: peak memory is the parameter plus one shard.
+    """
     stage = ckpt.source_stage(name)
     dim = tp_shard_dim(name)
     if dim is None:
         return ckpt.read_shard(0, stage, name)
-    full = torch.cat([ckpt.read_shard(t, stage, name) for t in range(ckpt.tp)], dim)
-    if is_vocab_parallel(name):
-        full = full[: ckpt.config.vocab_size]
+    full = torch.empty(ckpt.full_shape(name), dtype=ckpt.dtype(name))
+    start = 0
+    for t in range(ckpt.tp):
+        shard = ckpt.read_shard(t, stage, name)
+        kept = min(shard.shape[dim], full.shape[dim] - start)  # the vocabulary padding is dropped
+        if kept > 0:
+            full.narrow(dim, start, kept).copy_(shard.narrow(dim, 0, kept))
+        start += shard.shape[dim]
+        del shard
     return full
 
 
