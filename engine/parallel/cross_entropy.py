@@ -27,16 +27,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = local_logits.float()
         local_vocab = logits.shape[-1]
         distributed = group_size(group) > 1
-        padding = torch.arange(vocab_start, vocab_start + local_vocab,
-                               device=logits.device) >= true_vocab_size
-        if padding.any():
-            logits = logits.masked_fill(padding, float("-inf"))
-
-        logits_max = logits.max(dim=-1).values
+        # Local columns [0, real) are tokens; [real, local_vocab) are padding (possibly all of them).
+        real = min(local_vocab, max(0, true_vocab_size - vocab_start))
+        if real > 0:
+            logits_max = logits[..., :real].max(dim=-1).values
+        else:
+            logits_max = logits.new_full(logits.shape[:-1], float("-inf"))
         if distributed:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - logits_max.unsqueeze(-1)
-        exp = shifted.exp()  # padding columns give exp(-inf) = 0
+        shifted[..., real:] = float("-inf")
 
         ignored = targets == ignore_index
         local_target = targets - vocab_start
@@ -44,6 +44,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = torch.where(owned, local_target, torch.zeros_like(local_target))
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
+        exp = shifted.exp_()  # in place: one logits-sized buffer; padding gives exp(-inf) = 0
 
         sums = torch.stack((exp.sum(dim=-1), target_logit))
         if distributed:
