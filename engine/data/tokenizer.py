@@ -66,8 +66,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.Encode(texts)
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """One thread by default: preprocessing parallelises over worker processes instead."""
+        return self._sp.Encode(texts, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
@@ -167,7 +168,6 @@ class RecordEncoder:
 
     def encode(self, record: SARRecord) -> EncodedRecord:
         segments = self.segments(record)
-        text_ids = iter(self.tokenizer.encode_batch([s.text for s in segments if not s.is_reward]))
         tokens: list[int] = [self.tokenizer.bos_id] if self.add_bos else []
         spans = []
         for seg in segments:
@@ -178,7 +178,7 @@ class RecordEncoder:
                 spans.append(RewardSpan(seg.step, seg.field, start, len(tokens), seg.label_class,
                                         self.bins.num_classes(record.domain, seg.field)))
             else:
-                tokens.extend(next(text_ids))
+                tokens.extend(self.tokenizer.encode(seg.text))
         return EncodedRecord(np.asarray(tokens, dtype=np.int64), tuple(spans))
 
     def candidate_ids(self, domain: str, field: str) -> tuple[tuple[int, ...], ...]:
