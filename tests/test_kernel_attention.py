@@ -1,0 +1,302 @@
+"""Flash attention kernels against the fp32 PyTorch reference.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1) with
+16-wide tiles, in fp32 and fp16 (the interpreter's bf16 dot is wrong), on tiny shapes. On CUDA the
+`gpu` tests apply flash-attention's accuracy rule in bf16 and fp16 at realistic lengths.
+"""
+import math
+
+import pytest
+import torch
+
+from kernels.attention import (
+    _DKDV_CANDIDATES,
+    _DQ_CANDIDATES,
+    _FWD_CANDIDATES,
+    AttentionBlocks,
+    _forward,
+    attention_flops,
+    attention_reference,
+    default_blocks,
+    flash_attention,
+)
+
+# Max error allowed, relative to max(1, largest reference magnitude), per input dtype.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3}
+# Tiles with several key tiles per query tile on the diagonal (and the converse for dK/dV).
+WIDE_BLOCKS = AttentionBlocks(32, 16, 1, 1, 16, 32, 1, 1, 32, 16, 1, 1, preprocess_m=16)
+
+
+def _inputs(batch, seq, heads, kv_heads, head_dim, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(batch, seq, h, head_dim, generator=gen).to(device, dtype)
+    return make(heads).requires_grad_(), make(kv_heads).requires_grad_(), make(kv_heads).requires_grad_()
+
+
+def _run(fn, q, k, v, dout, **kwargs):
+    out = fn(q, k, v, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return out, dq, dk, dv
+
+
+def _reference(q, k, v, dout, causal, softmax_scale=None):
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    return _run(attention_reference, q32, k32, v32, dout.float(), causal=causal,
+                softmax_scale=softmax_scale)
+
+
+def _assert_close(name, got, want, dtype):
+    err = (got.float() - want).abs().max().item()
+    bound = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
+    assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+
+
+def _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype, blocks=None,
+                             softmax_scale=None):
+    q, k, v = _inputs(batch, seq, heads, kv_heads, head_dim, dtype)
+    dout = torch.randn(batch, seq, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = _run(flash_attention, q, k, v, dout, causal=causal, softmax_scale=softmax_scale, blocks=blocks)
+    want = _reference(q, k, v, dout, causal, softmax_scale)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        _assert_close(name, g, w, dtype)
+
+
+# (batch, seq, heads, kv_heads, head_dim, causal, dtype): GQA ratios 1, 2, 4, 8; sequences that are
+# not multiples of the 16-wide tile (1, 17, 33, 50) and one that is (64); head_dim 16, 32 and 64.
+CASES = [
+    (1, 17, 2, 2, 16, True, torch.float32),
+    (2, 33, 4, 2, 32, False, torch.float32),
+    (1, 50, 4, 1, 16, True, torch.float16),
+    (1, 50, 8, 1, 16, True, torch.float32),
+    (1, 33, 8, 1, 32, False, torch.float16),
+    (1, 1, 2, 1, 16, True, torch.float32),
+    (1, 1, 4, 2, 16, False, torch.float16),
+    (1, 40, 2, 1, 64, True, torch.float16),
+    (1, 64, 2, 2, 64, False, torch.float32),
+    (2, 17, 4, 4, 32, True, torch.float16),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim,causal,dtype", CASES,
+                         ids=[f"b{c[0]}-s{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-{'causal' if c[5] else 'full'}-"
+                              f"{str(c[6])[6:]}" for c in CASES])
+def test_forward_and_gradients_match_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype):
+    _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seq,causal,dtype", [(50, True, torch.float32), (33, False, torch.float16),
+                                              (7, True, torch.float16)])
+def test_wide_tiles_match_reference(seq, causal, dtype):
+    """Query tiles spanning two key tiles (forward, dQ) and key tiles spanning two query tiles (dK/dV)."""
+    _check_against_reference(1, seq, 4, 2, 16, causal, dtype, blocks=WIDE_BLOCKS)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_custom_softmax_scale(causal):
+    _check_against_reference(1, 33, 2, 1, 16, causal, torch.float32, softmax_scale=0.37)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_saved_log_sum_exp(causal):
+    """The saved statistic is the base-2 log-sum-exp of the scaled scores, per (batch, head, row)."""
+    q, k, v = (t.detach() for t in _inputs(2, 33, 4, 2, 16, torch.float32))
+    scale = 0.3
+    _, lse = _forward(q, k, v, causal, scale, None, store_lse=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(33, 33, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.logsumexp(scores, dim=-1) * math.log2(math.e)
+    assert lse.shape == (2, 4, 33) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_backward_is_deterministic():
+    q, k, v = _inputs(1, 50, 8, 2, 16, torch.float32, seed=3)
+    dout = torch.randn(1, 50, 8, 16, generator=torch.Generator().manual_seed(4))
+    first = _run(flash_attention, q, k, v, dout)
+    second = _run(flash_attention, q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.triton
+def test_forward_without_autograd():
+    q, k, v = _inputs(1, 33, 4, 2, 32, torch.float16)
+    want = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), True)
+    with torch.no_grad():
+        out = flash_attention(q, k, v)
+    assert out.grad_fn is None and not out.requires_grad
+    _assert_close("out (no_grad)", out, want, torch.float16)
+    plain = flash_attention(q.detach(), k.detach(), v.detach())  # grad mode on, nothing requires grad
+    assert plain.grad_fn is None
+    assert torch.equal(plain, out)
+
+
+@pytest.mark.triton
+def test_causal_never_visits_key_tiles_above_the_diagonal():
+    """A NaN in V at key 40 (tile 2) poisons any query tile that loads tile 2, masked or not
+    (0 * NaN); query tiles 0 and 1 must stay finite, and so must their dQ. A NaN in Q at row 10
+    (tile 0) likewise poisons dK/dV of every key tile whose pass visits query tile 0."""
+    q, k, v = (t.detach() for t in _inputs(1, 64, 2, 1, 16, torch.float32))
+    v[:, 40] = float("nan")
+    q_, k_, v_ = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, dq, _, _ = _run(flash_attention, q_, k_, v_, torch.ones(1, 64, 2, 16))
+    assert torch.isfinite(out[:, :32]).all() and torch.isfinite(dq[:, :32]).all()
+    assert torch.isnan(out[:, 40:]).all()  # the poison is real where key 40 is visible
+
+    q, k, v = (t.detach() for t in _inputs(1, 64, 2, 1, 16, torch.float32))
+    q[:, 10] = float("nan")
+    q_, k_, v_ = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    _, _, dk, dv = _run(flash_attention, q_, k_, v_, torch.ones(1, 64, 2, 16))
+    assert torch.isfinite(dk[:, 16:]).all() and torch.isfinite(dv[:, 16:]).all()
+    assert torch.isnan(dk[:, :11]).all()
+
+
+@pytest.mark.triton
+def test_strided_views_of_a_fused_projection():
+    """q, k, v sliced out of one [batch, seq, (heads + 2 * kv_heads) * head_dim] tensor, and a
+    [batch, heads, seq, head_dim] tensor seen as [batch, seq, heads, head_dim]: strides honoured,
+    gradients flow back into the fused tensor."""
+    batch, seq, heads, kv_heads, head_dim = 2, 21, 4, 2, 16
+    gen = torch.Generator().manual_seed(5)
+    fused = torch.randn(batch, seq, (heads + 2 * kv_heads) * head_dim, generator=gen, requires_grad=True)
+
+    def split(t):
+        q, k, v = t.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        return (q.view(batch, seq, heads, head_dim), k.view(batch, seq, kv_heads, head_dim),
+                v.view(batch, seq, kv_heads, head_dim))
+
+    q, k, v = split(fused)
+    assert not q.is_contiguous()
+    dout = torch.randn(batch, seq, heads, head_dim, generator=gen)
+    out = flash_attention(q, k, v)
+    (grad_fused,) = torch.autograd.grad(out, fused, dout)
+    fused32 = fused.detach().clone().requires_grad_()
+    want = attention_reference(*split(fused32), True)
+    (want_grad,) = torch.autograd.grad(want, fused32, dout)
+    _assert_close("out", out, want, torch.float32)
+    _assert_close("d fused", grad_fused, want_grad, torch.float32)
+
+    q_bhsd = torch.randn(batch, heads, seq, head_dim, generator=gen).transpose(1, 2)
+    k_c, v_c = k.detach().contiguous(), v.detach().contiguous()
+    with torch.no_grad():
+        _assert_close("out (seq-strided q)", flash_attention(q_bhsd, k_c, v_c, causal=False),
+                      attention_reference(q_bhsd, k_c, v_c, False), torch.float32)
+
+
+def test_reference_matches_sdpa():
+    """The reference itself against torch's scaled_dot_product_attention (math, fp32)."""
+    q, k, v = (t.detach() for t in _inputs(2, 19, 6, 2, 16, torch.float32))
+    for causal, scale in ((True, None), (False, 0.2)):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.repeat_interleave(3, dim=2).transpose(1, 2),
+            v.repeat_interleave(3, dim=2).transpose(1, 2), is_causal=causal, scale=scale).transpose(1, 2)
+        torch.testing.assert_close(attention_reference(q, k, v, causal, scale), want,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_flop_accounting():
+    assert attention_flops(2, 8, 1024, 128, causal=False) == 4 * 2 * 8 * 1024 ** 2 * 128
+    assert attention_flops(2, 8, 1024, 128, causal=True) == 2 * 2 * 8 * 1024 ** 2 * 128
+    assert attention_flops(2, 8, 1024, 128, causal=True, backward=True) == 5 * 2 * 8 * 1024 ** 2 * 128
+
+
+@pytest.mark.parametrize("shapes,dtypes,match", [
+    (((1, 8, 4, 16), (1, 8, 3, 16), (1, 8, 3, 16)), None, "multiple of k/v heads"),
+    (((1, 8, 4, 48), (1, 8, 4, 48), (1, 8, 4, 48)), None, "head_dim 48 unsupported"),
+    (((1, 8, 4, 16), (1, 9, 4, 16), (1, 9, 4, 16)), None, "batch and seq"),
+    (((1, 8, 4, 16), (1, 8, 4, 32), (1, 8, 4, 32)), None, "head_dim 32 differs"),
+    (((1, 8, 4, 16), (1, 8, 2, 16), (1, 8, 1, 16)), None, "must have one shape"),
+    (((8, 4, 16), (1, 8, 4, 16), (1, 8, 4, 16)), None, "q must be 4-D"),
+    (((1, 8, 4, 16),) * 3, (torch.float16, torch.float32, torch.float32), "share a dtype"),
+    (((1, 8, 4, 16),) * 3, (torch.float64,) * 3, "q has dtype torch.float64"),
+])
+def test_bad_inputs_are_refused_by_name(shapes, dtypes, match):
+    dtypes = dtypes or (torch.float32,) * 3
+    q, k, v = (torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes))
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_attention(q, k, v)
+
+
+def test_bad_tiles_are_refused():
+    with pytest.raises(ValueError, match="fwd_m=16 must be a multiple of fwd_n=32"):
+        AttentionBlocks(16, 32, 4, 3, 32, 64, 4, 3, 64, 32, 4, 3)
+    with pytest.raises(ValueError, match="dq_m=48: tiles must be powers of two"):
+        AttentionBlocks(64, 32, 4, 3, 32, 64, 4, 3, 48, 24, 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def _errors(got, want):
+    return [(g.float() - w).abs().max().item() for g, w in zip(got, want)]
+
+
+def _rounding_floor(want):
+    # The rounding error of the reference's own magnitude, so a near-zero baseline error cannot
+    # make the bound unreachable.
+    return [2 * (w + 0.3 - 0.3 - w).abs().max().item() for w in want]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,causal", [(2, 1024, 16, 4, True),
+                                                             (1, 4095, 8, 2, True),
+                                                             (1, 1024, 8, 1, False)])
+def test_gpu_accuracy_rule(batch, seq, heads, kv_heads, causal, head_dim, dtype):
+    """Our max error against fp32 is at most 2x (output) and 3x (gradients) that of a plain
+    half-precision PyTorch attention, with the default (tuned) tiles."""
+    q, k, v = _inputs(batch, seq, heads, kv_heads, head_dim, dtype, device="cuda")
+    dout = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype)
+    got = _run(flash_attention, q, k, v, dout, causal=causal)
+    want = _reference(q, k, v, dout, causal)
+    baseline = _run(attention_reference, q, k, v, dout, causal=causal, upcast=False)
+    ours, theirs, floors = _errors(got, want), _errors(baseline, want), _rounding_floor(want)
+    for name, factor, e_ours, e_theirs, floor in zip(("out", "dq", "dk", "dv"), (2, 3, 3, 3),
+                                                     ours, theirs, floors):
+        assert e_ours <= factor * e_theirs + floor, (
+            f"{name}: error {e_ours:.3e} > {factor} x half-precision PyTorch {e_theirs:.3e} + {floor:.1e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_every_candidate_tile_is_correct(head_dim, causal):
+    """Whatever the tuner picks must be right: each candidate configuration, on an odd length."""
+    cls = 64 if head_dim <= 64 else 128
+    q, k, v = _inputs(2, 777, 8, 2, head_dim, torch.float16, device="cuda")
+    dout = torch.randn(2, 777, 8, head_dim, device="cuda", dtype=torch.float16)
+    want = _reference(q, k, v, dout, causal)
+    baseline = _errors(_run(attention_reference, q, k, v, dout, causal=causal, upcast=False), want)
+    fwd, dkdv, dq = _FWD_CANDIDATES[cls], _DKDV_CANDIDATES[cls], _DQ_CANDIDATES[cls]
+    for i in range(max(len(fwd), len(dkdv), len(dq))):
+        blocks = AttentionBlocks(*fwd[i % len(fwd)], *dkdv[i % len(dkdv)], *dq[i % len(dq)])
+        errors = _errors(_run(flash_attention, q, k, v, dout, causal=causal, blocks=blocks), want)
+        for name, factor, e_ours, e_theirs in zip(("out", "dq", "dk", "dv"), (2, 3, 3, 3), errors, baseline):
+            assert e_ours <= factor * e_theirs + 1e-6, f"{blocks}: {name} error {e_ours:.3e} vs {e_theirs:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_inference():
+    q, k, v = _inputs(2, 2048, 16, 4, 128, torch.bfloat16, device="cuda")
+    dout = torch.randn(2, 2048, 16, 128, device="cuda", dtype=torch.bfloat16)
+    first = _run(flash_attention, q, k, v, dout)
+    second = _run(flash_attention, q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+    with torch.no_grad():
+        assert torch.equal(flash_attention(q, k, v), first[0])
+    fp32 = default_blocks(128, torch.float32, "cuda")
+    q32, k32, v32 = (t.detach().float()[:, :300].requires_grad_() for t in (q, k, v))
+    got = _run(flash_attention, q32, k32, v32, dout.float()[:, :300], blocks=fp32)
+    want = _reference(q32, k32, v32, dout.float()[:, :300], True)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        _assert_close(f"fp32 {name}", g, w, torch.float32)
