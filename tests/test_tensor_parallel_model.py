@@ -5,6 +5,8 @@ process computes with the same seed.
 One spawn of 4 gloo processes runs every case (TP = 2 runs as two TP groups side by side) and
 returns the largest error per parameter; the tests assert on them case by case.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from engine.model.config import LlamaConfig
 from engine.model.llama import Llama, expected_shapes
+from engine.parallel import collectives as C
 from engine.parallel.collectives import all_gather_along
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.parallel.layers import VocabParallelEmbedding, VocabParallelLMHead, is_sequence_parallel
@@ -60,16 +63,36 @@ def _err(a, b):
     return (a - b).abs().max().item()
 
 
+@contextlib.contextmanager
+def _count_sequence_collectives():
+    """Count the all-gathers and reduce-scatters that reach the backend."""
+    counts = {"all_gather": 0, "reduce_scatter": 0}
+    originals = C._gather_dim0, C._reduce_scatter_dim0
+
+    def counted(kind, fn):
+        def wrapper(*args, **kwargs):
+            counts[kind] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    C._gather_dim0, C._reduce_scatter_dim0 = counted("all_gather", originals[0]), counted("reduce_scatter", originals[1])
+    try:
+        yield counts
+    finally:
+        C._gather_dim0, C._reduce_scatter_dim0 = originals
+
+
 def _run_case(state, tied, sp):
     config = _config(tied)
     ref_logits, ref_loss, ref_grads = _reference(config)
     model = build_parallel_llama(config, state, sequence_parallel=sp, seed=SEED)
     ids, targets = _batch(config.vocab_size)
-    local_logits = model(ids)
-    start, vocab = lm_head_vocab_range(model)
-    per_token = vocab_parallel_cross_entropy(local_logits, targets, start, vocab, state.tp_group, IGNORE)
-    loss = per_token.sum() / (targets != IGNORE).sum()
-    loss.backward()
+    with _count_sequence_collectives() as counts:
+        local_logits = model(ids)
+        start, vocab = lm_head_vocab_range(model)
+        per_token = vocab_parallel_cross_entropy(local_logits, targets, start, vocab, state.tp_group, IGNORE)
+        loss = per_token.sum() / (targets != IGNORE).sum()
+        loss.backward()
     finish_grads(model)
 
     full_logits = all_gather_along(local_logits.detach(), -1, state.tp_group)[..., :vocab]
@@ -86,6 +109,7 @@ def _run_case(state, tied, sp):
         "ref_names": sorted(ref_grads),
         "local_shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
         "expected_local_shapes": expected_local,
+        "sequence_collectives": dict(counts),
         "sp_tagged": sorted(n for n, p in model.named_parameters() if is_sequence_parallel(p)),
     }
 
@@ -119,6 +143,10 @@ def test_tp_model_matches_single_process(distributed_results, tp, tied, sp):
         assert result["local_shapes"] == result["expected_local_shapes"]
         norms = [n for n in result["names"] if n.endswith("norm.weight")]
         assert result["sp_tagged"] == (norms if sp else [])
+        # One all-gather per norm (2 per layer + the final norm) forward, one reduce-scatter per
+        # row-parallel layer and the embedding; the backward mirrors them. None without SP.
+        per_pass = 2 * _config(tied).num_hidden_layers + 1 if sp else 0
+        assert result["sequence_collectives"] == {"all_gather": 2 * per_pass, "reduce_scatter": 2 * per_pass}
 
 
 # ------------------------------------------------------------------ one process, no group needed

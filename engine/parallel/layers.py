@@ -36,30 +36,36 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def _enter(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+def enter_tp_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
     """Replicated (or sequence-sliced) activations into a tensor-parallel region."""
     return gather_from_sequence(x, group) if sequence_parallel else copy_to_tp(x, group)
 
 
-def _leave(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+def leave_tp_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
     """Partial sums out of a tensor-parallel region, replicated (or sequence-sliced)."""
     return reduce_scatter_to_sequence(x, group) if sequence_parallel else reduce_from_tp(x, group)
 
 
 class ColumnParallelLinear(nn.Module):
-    """y[..., out / TP] = x W_shard^T, this rank's slice of the output features (no bias)."""
+    """y[..., out / TP] = x W_shard^T, this rank's slice of the output features (no bias).
+
+    ``input_entered=True``: the input already went through :func:`enter_tp_region` (once for all
+    the layers reading it, e.g. q, k and v), so this layer adds no collective.
+    """
 
     def __init__(self, in_features: int, out_features: int, group=None, sequence_parallel: bool = False,
-                 device=None, dtype=None):
+                 input_entered: bool = False, device=None, dtype=None):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.sequence_parallel, self.input_entered = group, sequence_parallel, input_entered
         self.in_features, self.out_features = in_features, out_features
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         local_out = _divide(out_features, self.tp_size, "output features of a column-parallel linear")
         self.weight = nn.Parameter(torch.empty(local_out, in_features, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_enter(x, self.group, self.sequence_parallel), self.weight)
+        if not self.input_entered:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
+        return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -82,7 +88,7 @@ class RowParallelLinear(nn.Module):
         if x.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"row-parallel linear expects this rank's {self.weight.shape[1]} input "
                              f"features, got {x.shape[-1]}")
-        return _leave(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        return leave_tp_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -125,7 +131,7 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local_ids, self.weight)
         if self.tp_size > 1:
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return _leave(out, self.group, self.sequence_parallel)
+        return leave_tp_region(out, self.group, self.sequence_parallel)
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, padded={self.padded_vocab_size}, "
@@ -137,14 +143,16 @@ class VocabParallelLMHead(nn.Module):
     """Logits of this rank's vocabulary slice: [batch, seq, V_pad / TP] (padding columns included;
     :func:`engine.parallel.cross_entropy.vocab_parallel_cross_entropy` excludes them).
 
-    With ``tied=True`` the head holds no weight: ``forward(hidden, embedding_weight)`` is given the
+    ``input_entered`` as in :class:`ColumnParallelLinear`. With ``tied=True`` the head holds no
+    weight: ``forward(hidden, embedding_weight)`` is given the
     :class:`VocabParallelEmbedding`'s shard, which then receives the gradients of both uses.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, group=None, sequence_parallel: bool = False,
-                 tied: bool = False, device=None, dtype=None):
+                 tied: bool = False, input_entered: bool = False, device=None, dtype=None):
         super().__init__()
         self.group, self.sequence_parallel, self.tied = group, sequence_parallel, tied
+        self.input_entered = input_entered
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         self.padded_vocab_size = padded_vocab_size(vocab_size, self.tp_size)
@@ -162,7 +170,9 @@ class VocabParallelLMHead(nn.Module):
             raise ValueError(f"LM head weight shard {tuple(weight.shape)} is not the expected "
                              f"[{self.local_vocab_size}, {self.hidden_size}] of vocabulary {self.vocab_size} "
                              f"padded to {self.padded_vocab_size} over {self.tp_size} ranks")
-        return F.linear(_enter(hidden, self.group, self.sequence_parallel), weight)
+        if not self.input_entered:
+            hidden = enter_tp_region(hidden, self.group, self.sequence_parallel)
+        return F.linear(hidden, weight)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, "

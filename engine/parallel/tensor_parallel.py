@@ -13,8 +13,14 @@ Which module becomes which parallel layer is read from the one layout table
     nn.Linear with a row (dim 1) layout        -> RowParallelLinear      (o, down)
     nn.Embedding / ``lm_head``                 -> VocabParallelEmbedding / VocabParallelLMHead
     the tied head (no parameters)              -> VocabParallelLMHead(tied=True)
-    replicated norms                           -> unchanged; tagged for a TP all-reduce of their
-                                                  gradients under sequence parallelism
+    RMSNorm                                    -> RMSNormEnteringTP (same weight; under sequence
+                                                  parallelism tagged for a TP all-reduce of its gradient)
+
+In this Llama every column-parallel layer reads a norm's output (q, k, v read input_layernorm;
+gate and up read post_attention_layernorm; the head reads norm), so the activation enters the
+tensor-parallel region once, at the norm, for all its readers: one all-gather (SP) or one backward
+all-reduce per norm instead of one per layer (2 instead of 5 per decoder layer), as Megatron gets
+from its fused QKV and gate/up weights. The column layers are built with ``input_entered=True``.
 
 The model file itself stays free of collectives.
 """
@@ -23,11 +29,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from engine.model.llama import Llama, TiedHead, expected_shapes, init_parameter
+from engine.model.llama import Llama, RMSNorm, TiedHead, expected_shapes, init_parameter
 from engine.parallel.collectives import all_gather_along, group_size
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                     VocabParallelLMHead, allreduce_sequence_parallel_grads,
-                                    mark_sequence_parallel)
+                                    enter_tp_region, mark_sequence_parallel)
 from engine.parallel.layout import is_vocab_parallel, tp_shard, tp_shard_dim
 from engine.parallel.state import ParallelState, validate_layout
 
@@ -35,11 +41,29 @@ __all__ = ["parallelize_model", "build_parallel_llama", "gather_full_param", "lm
            "finish_grads", "allreduce_sequence_parallel_grads"]
 
 
+class RMSNormEnteringTP(RMSNorm):
+    """The model's RMSNorm (same ``weight``, same math) whose output enters the tensor-parallel
+    region for all the column-parallel layers that read it."""
+
+    def __init__(self, norm: RMSNorm, group, sequence_parallel: bool):
+        nn.Module.__init__(self)
+        self.weight, self.eps = norm.weight, norm.eps
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return enter_tp_region(super().forward(x), self.group, self.sequence_parallel)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
+
+
 def _parallel_module(name: str, module: nn.Module, config, group, sequence_parallel: bool) -> nn.Module | None:
     """The parallel replacement for ``module`` (called ``name`` in the model), or None to keep it."""
     kwargs = dict(group=group, sequence_parallel=sequence_parallel, device="meta")
+    if isinstance(module, RMSNorm):
+        return RMSNormEnteringTP(module, group, sequence_parallel)
     if isinstance(module, TiedHead):
-        return VocabParallelLMHead(config.hidden_size, config.vocab_size, tied=True, **kwargs)
+        return VocabParallelLMHead(config.hidden_size, config.vocab_size, tied=True, input_entered=True, **kwargs)
     if isinstance(module, nn.Embedding):
         return VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, **kwargs)
     if isinstance(module, nn.Linear):
@@ -47,10 +71,10 @@ def _parallel_module(name: str, module: nn.Module, config, group, sequence_paral
             raise ValueError(f"{name}: tensor parallelism supports bias-free linears only")
         weight = f"{name}.weight"
         if is_vocab_parallel(weight):
-            return VocabParallelLMHead(module.in_features, module.out_features, **kwargs)
+            return VocabParallelLMHead(module.in_features, module.out_features, input_entered=True, **kwargs)
         dim = tp_shard_dim(weight)
         if dim == 0:
-            return ColumnParallelLinear(module.in_features, module.out_features, **kwargs)
+            return ColumnParallelLinear(module.in_features, module.out_features, input_entered=True, **kwargs)
         if dim == 1:
             return RowParallelLinear(module.in_features, module.out_features, **kwargs)
         raise ValueError(f"{weight}: a linear layer without a tensor-parallel layout")
@@ -72,6 +96,8 @@ def parallelize_model(model: Llama, state: ParallelState, sequence_parallel: boo
     Returns the model, whose ``forward`` gives this rank's vocabulary slice of the logits.
     """
     config = model.config
+    if hasattr(model, "tensor_parallel_state"):
+        raise ValueError("parallelize_model: this model is already parallelized")
     validate_layout(config, state.tp_size, state.pp_size, state.dp_size, state.world_size)
     group = state.tp_group if state.tp_size > 1 else None
     device = torch.device(device) if device is not None else state.device
