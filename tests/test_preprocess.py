@@ -227,3 +227,24 @@ def test_command_line_tools(env, tmp_path):
     path, _ = write_with_bad_line(env, tmp_path)
     done = subprocess.run(cmd[:3] + [path] + cmd[4:], capture_output=True, text=True)
     assert done.returncode == 1 and "bad.jsonl:5" in done.stderr
+
+
+def test_unknown_tokens_are_counted_not_hidden(env, tmp_path):
+    texts = [serialize_text(parse_json_line(line, "x"), lambda d, f, v: int(v))
+             for line in open(os.path.join(env["train"], "ads_ctr.jsonl")).read().splitlines()]
+    no_bytes = train_tokenizer(texts, str(tmp_path / "nb.model"), vocab_size=300, byte_fallback=False)
+    path = tmp_path / "snow.jsonl"
+    path.write_text(json.dumps({"domain": "d", "state": {"w": "☃☃"}, "action": {}, "reward": {"click": 1}}) + "\n")
+    config = PreprocessConfig(inputs=[str(path)], output_prefix=str(tmp_path / "d"),
+                              tokenizer_model=no_bytes.model_path, progress=False)
+    summary = preprocess(config)
+    assert summary.unknown_tokens >= 1 and "UNKNOWN TOKENS" in summary.format()
+    assert json.loads((tmp_path / "d.meta.json").read_text())["counts"]["unknown_tokens"] == summary.unknown_tokens
+
+
+def test_obd_log_without_item_context_is_refused(obd_subset, env, tmp_path):
+    (tmp_path / "p" / "c").mkdir(parents=True)
+    shutil.copy(obd_subset / "bts" / "men" / "men.csv", tmp_path / "p" / "c" / "c.csv")
+    with pytest.raises(FileNotFoundError, match="item_context.csv"):
+        run(env, [str(tmp_path / "p" / "c" / "c.csv")], tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out.idx")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from engine.data.reward_bins import RewardBins
-from engine.data.sar import REWARD_LABELS, SPECIAL_SYMBOLS, parse_record, reward_label, serialize_segments, serialize_text
+from engine.data.sar import (REWARD_LABELS, SPECIAL_SYMBOLS, parse_record, reward_label, serialize_segments,
+                             serialize_text)
 from engine.data.synthetic import SyntheticConfig, generate
 from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
 

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.data.obd import ObdOptions  # noqa: E402
-from engine.data.preprocess import PreprocessConfig, PreprocessError, preprocess  # noqa: E402
+from engine.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from engine.data.reward_bins import DEFAULT_NUM_BINS  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         progress=not args.no_progress, obd=ObdOptions(hash_chars=args.obd_hash_chars))
     try:
         summary = preprocess(config)
-    except (PreprocessError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # PreprocessError, RecordError, bad bins file
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary.format())

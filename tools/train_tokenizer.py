@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.preprocess import PreprocessError, train_tokenizer_on_logs  # noqa: E402
+from engine.data.preprocess import train_tokenizer_on_logs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
             args.input, args.model_prefix + ".model", vocab_size=args.vocab_size, model_type=args.model_type,
             byte_fallback=not args.no_byte_fallback, max_records=args.max_records,
             skip_bad_lines=args.skip_bad_lines, num_threads=args.threads)
-    except (PreprocessError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # PreprocessError, RecordError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {tok.model_path}: vocab {tok.vocab_size}, trained on {used} records")

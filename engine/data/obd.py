@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -53,7 +54,12 @@ def is_obd_log(path: str) -> bool:
 def domain_for(path: str) -> str:
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
     policy, campaign = (parts[-3], parts[-2]) if len(parts) >= 3 else ("unknown", parts[-1])
-    return f"obd/{policy}/{campaign}"
+    return f"obd/{_domain_part(policy)}/{_domain_part(campaign)}"
+
+
+def _domain_part(name: str) -> str:
+    """A folder name made valid in a SAR domain, whatever characters it has."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name) or "_"
 
 
 def _short(value: str, options: ObdOptions) -> str:

@@ -16,6 +16,7 @@ temporary names and renamed at the end, the main ``.idx`` last: a failed run lea
 """
 from __future__ import annotations
 
+import array
 import collections
 import glob
 import json
@@ -66,6 +67,7 @@ class PreprocessSummary:
     steps: int = 0
     tokens: int = 0
     reward_tokens: int = 0
+    unknown_tokens: int = 0           # tokens the tokenizer could not represent (no byte fallback)
     blank_lines: int = 0
     bad_lines: list[dict] = field(default_factory=list)
     num_bad_lines: int = 0
@@ -79,7 +81,8 @@ class PreprocessSummary:
                  f"(reward tokens {self.reward_tokens})",
                  f"  {self.records / secs:.1f} records/s, {self.tokens / secs:.1f} tokens/s in {self.seconds:.2f} s",
                  f"  domains: " + ", ".join(f"{d}={n}" for d, n in sorted(self.domains.items())),
-                 f"  bad lines skipped: {self.num_bad_lines}, blank lines: {self.blank_lines}"]
+                 f"  bad lines skipped: {self.num_bad_lines}, blank lines: {self.blank_lines}"
+                 + (f", UNKNOWN TOKENS: {self.unknown_tokens}" if self.unknown_tokens else "")]
         lines += [f"    {b['where']}: {b['error']}" for b in self.bad_lines[:20]]
         if self.num_bad_lines > 20:
             lines.append(f"    ... and {self.num_bad_lines - 20} more (listed in {self.output_prefix}.meta.json)")
@@ -238,7 +241,7 @@ def _bad_line(summary: PreprocessSummary, config: PreprocessConfig, where: str, 
 
 
 def _fit_bins(paths: list[str], config: PreprocessConfig) -> RewardBins:
-    values: dict[tuple[str, str], list[float]] = {}
+    values: dict[tuple[str, str], array.array] = {}  # 8 bytes a value, not a Python float object
     chunks = _chunks(iter_items(paths, config.obd, [0]), config.chunk_size)
     for results in _ordered_map(scan_chunk, None, chunks, config.workers):
         for where, error, rewards in results:
@@ -247,10 +250,10 @@ def _fit_bins(paths: list[str], config: PreprocessConfig) -> RewardBins:
                     raise PreprocessError(f"{error} (use --skip-bad-lines to skip and count such lines)")
                 continue  # counted once, in the encoding pass
             for domain, name, value in rewards:
-                values.setdefault((domain, name), []).append(value)
+                values.setdefault((domain, name), array.array("d")).append(value)
     if not values:
         raise PreprocessError("no valid records to fit reward bins on")
-    return RewardBins.fit(values, config.num_bins)
+    return RewardBins.fit({k: np.frombuffer(v, dtype=np.float64) for k, v in values.items()}, config.num_bins)
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
@@ -295,6 +298,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
                 summary.tokens += length
                 summary.domains[domain] = summary.domains.get(domain, 0) + 1
             summary.reward_tokens += int(masks.sum())
+            if tokenizer.unk_id is not None:
+                summary.unknown_tokens += int(np.count_nonzero(tokens == tokenizer.unk_id))
             if progress is not None:
                 progress.update(len(entries))
                 progress.set_postfix(tok_s=f"{summary.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
@@ -342,7 +347,8 @@ def _write_meta(path, config, paths, tokenizer, encoder, dtype, summary) -> None
         "inputs": [os.path.abspath(p) for p in paths],
         "counts": {"records": summary.records, "episodes": summary.episodes, "steps": summary.steps,
                    "documents": summary.records, "tokens": summary.tokens, "reward_tokens": summary.reward_tokens,
-                   "bad_lines": summary.num_bad_lines, "blank_lines": summary.blank_lines},
+                   "unknown_tokens": summary.unknown_tokens, "bad_lines": summary.num_bad_lines,
+                   "blank_lines": summary.blank_lines},
         "domains": dict(sorted(summary.domains.items())),
         "bad_lines": summary.bad_lines,
         "bad_lines_listed": len(summary.bad_lines),
