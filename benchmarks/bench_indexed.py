@@ -119,15 +119,17 @@ def bench_reads(directory: str, num_tokens: int, num_samples: int, repeats: int)
     }
     checksums = {name: fn() for name, fn in readers.items()}  # warm page cache, same data read
     assert len(set(checksums.values())) == 1, checksums
-    print("| reader | samples/s (best of %d) | median |" % repeats)
-    print("|---|---|---|")
-    for name, fn in readers.items():
-        rates = []
-        for _ in range(repeats):
+    # Round-robin repeats, so that load from other jobs on the machine hits every reader alike.
+    rates: dict[str, list[float]] = {name: [] for name in readers}
+    for _ in range(repeats):
+        for name, fn in readers.items():
             t0 = time.perf_counter()
             fn()
-            rates.append(num_samples / (time.perf_counter() - t0))
-        print(f"| {name} | {max(rates):,.0f} | {float(np.median(rates)):,.0f} |")
+            rates[name].append(num_samples / (time.perf_counter() - t0))
+    print("| reader | samples/s (best of %d) | median |" % repeats)
+    print("|---|---|---|")
+    for name, values in rates.items():
+        print(f"| {name} | {max(values):,.0f} | {float(np.median(values)):,.0f} |")
     del tokens
     buffer.close()
 
@@ -191,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=100_000_000)
     parser.add_argument("--samples", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--documents", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--skip-reads", action="store_true")
     args = parser.parse_args()
