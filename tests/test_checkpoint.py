@@ -264,13 +264,15 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(saved):
     root, _, _ = saved
     _rewrite_rank_file(root, "mp_rank_00_000", lambda t: t.pop("layers.1.mlp.up_proj.weight"))
     _rewrite_rank_file(root, "mp_rank_01_001", lambda t: t.update({"layers.3.mlp.extra.weight": torch.zeros(2)}))
-    _rewrite_rank_file(root, "mp_rank_01_000", lambda t: t.update({"layers.0.self_attn.k_proj.weight": torch.zeros(8, 64)}))
+    _rewrite_rank_file(root, "mp_rank_01_000", lambda t: t.update({"layers.0.self_attn.k_proj.weight": torch.zeros(8, 64),
+                                                                    "layers.0.self_attn.q_proj.weight": torch.zeros(32, 64).half()}))
     with pytest.raises(ck.CheckpointError) as err:
         ck.open_checkpoint(root)
     msg = str(err.value)
     assert "mp_rank_00_000/model.safetensors: missing tensor(s) ['layers.1.mlp.up_proj.weight']" in msg
     assert "mp_rank_01_001/model.safetensors: unexpected tensor(s) ['layers.3.mlp.extra.weight']" in msg
     assert "layers.0.self_attn.k_proj.weight (8, 64) (expected (16, 64))" in msg
+    assert "layers.0.self_attn.q_proj.weight is torch.float16 but torch.float32 on TP rank 0" in msg
 
 
 def test_checkpoint_of_another_model_is_refused(saved, tmp_path):

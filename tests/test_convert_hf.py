@@ -175,6 +175,15 @@ def test_import_dtype_cast_and_tokenizer_dir_option(hf_dirs, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").exists() and not (tmp_path / "out" / "tokenizer.model").exists()
 
 
+def test_exported_directory_imports_again_to_identical_rank_files(hf_dirs, tmp_path):
+    sharded.import_hf(hf_dirs["llama3_fp16"], tmp_path / "a", tp=2, pp=2, progress=False)
+    sharded.export_hf(tmp_path / "a", tmp_path / "hf", progress=False)
+    sharded.import_hf(tmp_path / "hf", tmp_path / "b", tp=2, pp=2, progress=False)
+    for rank_file in sorted((tmp_path / "a" / "iter_0000000").glob("mp_rank_*/model.safetensors")):
+        again = tmp_path / "b" / rank_file.relative_to(tmp_path / "a")
+        assert rank_file.read_bytes() == again.read_bytes(), rank_file
+
+
 # ------------------------------------------------------------------------------------ refused inputs
 def edited_copy(src, dst, edit_tensors=None, edit_config=None):
     """A single-file copy of a HF dir with its tensors or config edited."""

@@ -671,6 +671,9 @@ def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
             unexpected = sorted(set(header) - set(expected))
             misshaped = [f"{n} {header[n].shape} (expected {s})" for n, s in expected.items()
                          if n in header and header[n].shape != s]
+            first = ckpt.headers.get((0, pp_rank), {})
+            misshaped += [f"{n} is {header[n].dtype} but {first[n].dtype} on TP rank 0" for n in expected
+                          if n in header and n in first and header[n].dtype != first[n].dtype]
             for label, items in (("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
                                  ("mis-shaped tensor(s)", misshaped)):
                 if items:
