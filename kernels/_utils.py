@@ -42,9 +42,9 @@ def multiprocessor_count(device: torch.device) -> int:
     return 4
 
 
-def num_warps_for(elements: int) -> int:
-    """Warps for a program that holds `elements` values per tensor: ~16 values per thread, 4..32 warps."""
-    return max(4, min(32, next_power_of_2(elements) // 512))
+def num_warps_for(elements: int, values_per_thread: int = 16) -> int:
+    """Warps for a program that holds `elements` values per tensor, ~`values_per_thread` each (4..32)."""
+    return max(4, min(32, next_power_of_2(elements) // (32 * values_per_thread)))
 
 
 def check_float_tensor(name: str, t: torch.Tensor) -> None:

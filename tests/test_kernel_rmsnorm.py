@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kernels.rmsnorm as rmsnorm_module
 from kernels.rmsnorm import (
     MAX_HIDDEN,
     backward_partition,
@@ -71,7 +72,7 @@ def test_matches_fp32_reference(shape, dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize(
     "n_rows, hidden, programs",
-    [(10, 3000, 4), (10, 1000, 3), (13, 100, 2), (5, 48, 8), (1, 48, 4)],
+    [(10, 3000, 4), (10, 1000, 3), (13, 100, 2), (5, 48, 8), (1, 48, 4), (3, 2, 2)],
 )
 def test_rows_split_unevenly_over_programs(n_rows, hidden, programs):
     cfg = launch_config(n_rows, hidden)
@@ -81,6 +82,16 @@ def test_rows_split_unevenly_over_programs(n_rows, hidden, programs):
         # These cases must really use several programs, the last one with a shorter run of rows.
         assert grid > 1 and n_rows % rows_per_program != 0
     _check_against_reference((n_rows, hidden), torch.float32, seed=n_rows + hidden, backward_programs=programs)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n_rows, hidden, programs", [(10, 3000, 4), (10, 1000, 3)])
+def test_weight_gradient_sum_loops_over_partial_tiles(monkeypatch, n_rows, hidden, programs):
+    """The final dweight sum handles more partial rows than one of its tiles (also a ragged last tile)."""
+    monkeypatch.setattr(rmsnorm_module, "_SUM_TILE_ROWS", 2)
+    _, grid = backward_partition(n_rows, launch_config(n_rows, hidden).block_m, programs)
+    assert grid == programs
+    _check_against_reference((n_rows, hidden), torch.float32, seed=hidden, backward_programs=programs)
 
 
 @pytest.mark.triton
