@@ -25,7 +25,9 @@ from engine.parallel.tensor_parallel import (build_parallel_llama, finish_grads,
 
 SEED, IGNORE = 1234, -100
 TP_SIZES = (4, 2)
-CASES = [(tp, tied, sp) for tp in TP_SIZES for tied in (False, True) for sp in (False, True)]
+# (TP, tied embeddings, sequence parallel, activation recomputation)
+CASES = [(tp, tied, sp, False) for tp in TP_SIZES for tied in (False, True) for sp in (False, True)]
+CASES += [(4, True, True, True), (2, False, False, True)]
 TOL = 2e-5
 
 
@@ -82,10 +84,11 @@ def _count_sequence_collectives():
         C._gather_dim0, C._reduce_scatter_dim0 = originals
 
 
-def _run_case(state, tied, sp):
+def _run_case(state, tied, sp, recompute):
     config = _config(tied)
     ref_logits, ref_loss, ref_grads = _reference(config)
     model = build_parallel_llama(config, state, sequence_parallel=sp, seed=SEED)
+    model.activation_checkpointing = recompute
     ids, targets = _batch(config.vocab_size)
     with _count_sequence_collectives() as counts:
         local_logits = model(ids)
@@ -119,8 +122,8 @@ def _run_all(rank, world_size):
     out = {}
     for tp in TP_SIZES:
         state = init_parallel(tp, 1)
-        for _, tied, sp in [c for c in CASES if c[0] == tp]:
-            out[(tp, tied, sp)] = _run_case(state, tied, sp)
+        for case in [c for c in CASES if c[0] == tp]:
+            out[case] = _run_case(state, *case[1:])
     return out
 
 
@@ -130,11 +133,11 @@ def distributed_results():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,tied,sp", CASES, ids=[f"tp{t}-{'tied' if ti else 'untied'}-{'sp' if s else 'nosp'}"
-                                                   for t, ti, s in CASES])
-def test_tp_model_matches_single_process(distributed_results, tp, tied, sp):
+@pytest.mark.parametrize("tp,tied,sp,recompute", CASES, ids=[
+    f"tp{t}-{'tied' if ti else 'untied'}-{'sp' if s else 'nosp'}{'-recompute' if r else ''}" for t, ti, s, r in CASES])
+def test_tp_model_matches_single_process(distributed_results, tp, tied, sp, recompute):
     for rank, results in enumerate(distributed_results):
-        result = results[(tp, tied, sp)]
+        result = results[(tp, tied, sp, recompute)]
         assert result["names"] == result["ref_names"], f"rank {rank}: parameter names differ"
         bad = {k: v for k, v in result["errors"].items() if not v < TOL}
         assert not bad, f"rank {rank}, TP={tp}, tied={tied}, SP={sp}: differs from one process: {bad}"
@@ -145,8 +148,10 @@ def test_tp_model_matches_single_process(distributed_results, tp, tied, sp):
         assert result["sp_tagged"] == (norms if sp else [])
         # One all-gather per norm (2 per layer + the final norm) forward, one reduce-scatter per
         # row-parallel layer and the embedding; the backward mirrors them. None without SP.
-        per_pass = 2 * _config(tied).num_hidden_layers + 1 if sp else 0
-        assert result["sequence_collectives"] == {"all_gather": 2 * per_pass, "reduce_scatter": 2 * per_pass}
+        # (Recomputation repeats some of them, as many as torch's checkpointing needs.)
+        if not recompute:
+            per_pass = 2 * _config(tied).num_hidden_layers + 1 if sp else 0
+            assert result["sequence_collectives"] == {"all_gather": 2 * per_pass, "reduce_scatter": 2 * per_pass}
 
 
 # ------------------------------------------------------------------ one process, no group needed
