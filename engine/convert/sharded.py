@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from engine.convert.hf import (engine_to_hf_name, expected_engine_shapes, hf_to_engine_name, hf_weight_files,
                                read_hf_config)
-from engine.parallel.layout import stage_of
+from engine.parallel.layout import stage_of, tp_shard
 from engine.parallel.state import validate_layout
 from engine.train.checkpoint import (CheckpointWriter, SafetensorsWriter, canonical_order, dtype_name,
                                      open_checkpoint, read_full_tensor, read_header, read_tensor,
-                                     shard_tensor, write_json_atomic)
+                                     write_json_atomic)
 
 # Files besides the weights that make a HF directory usable: copied into the checkpoint on import
 # (under tokenizer/) and back out on export.
@@ -180,7 +180,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
                                               "differs from 'model.embed_tokens.weight'")
                 for stage in stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings):
                     for t in range(tp):
-                        writers[(t, stage)].write(name, shard_tensor(name, tensor, config, tp, t))
+                        writers[(t, stage)].write(name, tp_shard(name, tensor, tp, t))
                 del tensor
                 bar.update(info.end - info.start)
         for key in list(writers):

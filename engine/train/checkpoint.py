@@ -31,7 +31,7 @@ import torch
 
 from engine.convert.hf import expected_engine_shapes
 from engine.model.config import LlamaConfig
-from engine.parallel.layout import is_vocab_parallel, padded_vocab_size, stage_of, tp_shard_dim
+from engine.parallel.layout import is_vocab_parallel, padded_vocab_size, stage_of, tp_shard, tp_shard_dim
 from engine.parallel.state import validate_layout
 
 FORMAT = "ltu-engine-checkpoint"
@@ -289,26 +289,6 @@ def expected_rank_shapes(config: LlamaConfig, tp: int, pp: int, pp_rank: int) ->
     """Every tensor a (any TP rank, PP rank ``pp_rank``) file set holds, with its local shape."""
     full = expected_engine_shapes(config)
     return {n: local_shape(n, full[n], config, tp) for n in stage_names(config, pp, pp_rank)}
-
-
-def shard_tensor(name: str, full: torch.Tensor, config: LlamaConfig, tp: int, tp_rank: int) -> torch.Tensor:
-    """TP rank ``tp_rank``'s shard of a full, unpadded parameter (vocab padded with zero rows).
-
-    A view where possible; only a shard reaching into the vocabulary padding is a new tensor.
-    """
-    dim = tp_shard_dim(name)
-    if dim is None:
-        return full
-    if not is_vocab_parallel(name):
-        return full.chunk(tp, dim)[tp_rank]
-    rows = padded_vocab_size(config.vocab_size, tp) // tp
-    lo, hi = tp_rank * rows, (tp_rank + 1) * rows
-    if hi <= full.shape[0]:
-        return full[lo:hi]
-    out = full.new_zeros((rows, *full.shape[1:]))
-    kept = max(0, full.shape[0] - lo)
-    out[:kept] = full[lo:lo + kept]
-    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -743,5 +723,5 @@ def load_rank_shard(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank:
         if tp == ckpt.tp:  # same TP split: the shard is on disk as is, whatever the PP split
             out[name] = ckpt.read_shard(tp_rank, ckpt.source_stage(name), name)
         else:
-            out[name] = shard_tensor(name, read_full_tensor(ckpt, name), ckpt.config, tp, tp_rank).clone()
+            out[name] = tp_shard(name, read_full_tensor(ckpt, name), tp, tp_rank).clone()
     return out
