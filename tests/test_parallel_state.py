@@ -29,6 +29,8 @@ def _enumerated_groups(world, tp, pp):
         "dp": groups(lambda t, d, p: (t, p)),
         "pp": groups(lambda t, d, p: (t, d)),
         "model": groups(lambda t, d, p: d),
+        "embedding": sorted([r for r in g if coords[r][2] in (0, pp - 1)]
+                            for g in groups(lambda t, d, p: (t, d))),
         "coords": coords,
     }
 
@@ -41,7 +43,7 @@ def test_rank_layout_matches_enumeration(world, tp, pp):
     layout = rank_layout(world, tp, pp)
     ref = _enumerated_groups(world, tp, pp)
     assert layout.dp_size == world // (tp * pp)
-    for kind in ("tp", "dp", "pp", "model"):
+    for kind in ("tp", "dp", "pp", "model", "embedding"):
         assert sorted(getattr(layout, kind)) == ref[kind], kind
     for rank, (t, d, p) in ref["coords"].items():
         assert layout.coordinates(rank) == (t, d, p)
@@ -124,6 +126,12 @@ def _groups_by_collective(rank, world_size, layouts):
             dist.all_reduce(onehot, group=group)
             found[kind] = onehot.nonzero().flatten().tolist()
             found[f"{kind}_rank"] = dist.get_rank(group)
+        found["embedding"] = None
+        if state.embedding_group is not None:
+            onehot = torch.zeros(world_size)
+            onehot[rank] = 1.0
+            dist.all_reduce(onehot, group=state.embedding_group)
+            found["embedding"] = onehot.nonzero().flatten().tolist()
         found["coords"] = (state.tp_rank, state.dp_rank, state.pp_rank)
         found["state_ranks"] = (state.tp_ranks, state.dp_ranks, state.pp_ranks)
         out.append(found)
@@ -144,3 +152,5 @@ def test_init_parallel_groups_communicate_as_laid_out():
                 assert found[kind] == next(g for g in ref[kind] if rank in g), (tp, pp, rank, kind)
             assert (found["tp_rank"], found["dp_rank"], found["pp_rank"]) == (t, d, p)
             assert found["state_ranks"] == (found["tp"], found["dp"], found["pp"])
+            # Every rank of these 1- and 2-stage layouts is a first or last stage.
+            assert found["embedding"] == next(g for g in ref["embedding"] if rank in g), (tp, pp, rank)

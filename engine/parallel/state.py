@@ -27,6 +27,8 @@ class RankLayout:
 
     ``tp``, ``dp``, ``pp``: the groups of each parallelism. ``model``: the TP x PP ranks that hold
     one full copy of the model (same DP rank), used for global gradient norms and checkpoints.
+    ``embedding``: the first and last stage of each pipeline (one rank when PP = 1), which both hold
+    the embedding matrix when embeddings are tied and sum its gradients.
     """
 
     world_size: int
@@ -37,6 +39,7 @@ class RankLayout:
     dp: list[list[int]]
     pp: list[list[int]]
     model: list[list[int]]
+    embedding: list[list[int]]
 
     def coordinates(self, rank: int) -> tuple[int, int, int]:
         """(tp_rank, dp_rank, pp_rank) of a global rank."""
@@ -69,12 +72,14 @@ def rank_layout(world_size: int, tp: int, pp: int, dp: int | None = None) -> Ran
     def lines(t: torch.Tensor) -> list[list[int]]:
         return [row.tolist() for row in t.reshape(-1, t.shape[-1])]
 
+    pipelines = lines(grid.permute(1, 2, 0))
     return RankLayout(
         world_size=world_size, tp_size=tp, pp_size=pp, dp_size=dp,
         tp=lines(grid),
         dp=lines(grid.permute(0, 2, 1)),
-        pp=lines(grid.permute(1, 2, 0)),
+        pp=pipelines,
         model=lines(grid.permute(1, 0, 2).reshape(dp, pp * tp)),
+        embedding=[sorted({ranks[0], ranks[-1]}) for ranks in pipelines],
     )
 
 
@@ -119,6 +124,7 @@ class ParallelState:
     dp_group: Any = field(default=None, repr=False)
     pp_group: Any = field(default=None, repr=False)
     model_group: Any = field(default=None, repr=False)
+    embedding_group: Any = field(default=None, repr=False)  # None on middle pipeline stages
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
@@ -220,8 +226,10 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int | None = None, backend: str 
     dp_group = my_group(layout.dp)
     pp_group = my_group(layout.pp)
     model_group = my_group(layout.model)
+    embedding_group = my_group(layout.embedding)
     on_cuda = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
     return ParallelState(layout=layout, rank=rank, tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp_rank,
                          tp_group=tp_group, dp_group=dp_group, pp_group=pp_group,
-                         model_group=model_group, local_rank=local_rank, device=device)
+                         model_group=model_group, embedding_group=embedding_group,
+                         local_rank=local_rank, device=device)
