@@ -161,6 +161,8 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     check_float_tensor("rms_norm weight", weight)
     if x.dim() < 1:
         raise ValueError("rms_norm: input x must have at least one dimension (the hidden size)")
+    if x.shape[-1] == 0:
+        raise ValueError(f"rms_norm: the hidden size (last dimension of x, shape {tuple(x.shape)}) is 0")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(
             f"rms_norm: weight shape {tuple(weight.shape)} does not match the hidden size "
@@ -191,10 +193,10 @@ def _backward(
 ):
     n_rows, hidden = x2d.shape
     cfg = launch_config(n_rows, hidden)
-    dx = torch.empty_like(x2d)
-    dw = torch.zeros_like(weight) if compute_dw else None
+    dx = torch.empty((n_rows, hidden), dtype=x2d.dtype, device=x2d.device)
+    dw = torch.empty_like(weight) if compute_dw else None
     if n_rows == 0:
-        return dx, dw
+        return dx, (dw.zero_() if compute_dw else None)
     target = programs if programs is not None else default_backward_programs(x2d.device, cfg.bwd_warps)
     rows_per_program, grid = backward_partition(n_rows, cfg.block_m, target)
     partial = torch.empty((grid, hidden), dtype=torch.float32, device=x2d.device) if compute_dw else dx

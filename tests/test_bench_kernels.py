@@ -49,6 +49,7 @@ def test_cpu_run_writes_table_csv_and_plot(tmp_path):
     copy_gbps = float(by[("ceiling", "device copy", "")]["gbps"])
     matmul_tflops = float(by[("ceiling", "matmul", "")]["tflops"])
     assert copy_gbps > 0 and matmul_tflops > 0
+    assert by[("ceiling", "device copy", "")]["note"] == "CPU (Triton interpreter)"
 
     expected = [("rmsnorm", impl, p) for impl in ("triton", "torch eager") for p in ("fwd", "bwd")]
     expected += [("attention", "torch SDPA", p) for p in ("fwd", "bwd")]

@@ -163,6 +163,8 @@ def test_bad_inputs_are_refused_by_name():
         rms_norm(x, torch.ones(47), EPS)
     with pytest.raises(TypeError, match="int64"):
         rms_norm(x.long(), torch.ones(48), EPS)
+    with pytest.raises(ValueError, match="hidden size .* is 0"):
+        rms_norm(torch.randn(4, 0), torch.ones(0), EPS)
     with pytest.raises(ValueError, match="eps"):
         rms_norm(x, torch.ones(48), 0.0)
     with pytest.raises(ValueError, match=f"hidden size {MAX_HIDDEN + 1}"):

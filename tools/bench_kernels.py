@@ -456,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     copy_gbps, mm_tflops = measure_ceilings(bench, dtype)
-    rows = [Row("ceiling", "device copy", "", "", "uint8", "", None, None, copy_gbps, 1.0),
-            Row("ceiling", "matmul", "", "", str(dtype if HAS_CUDA else torch.float32).replace("torch.", ""),
-                "", None, mm_tflops, None, 1.0)]
+    mm_dtype = str(dtype if HAS_CUDA else torch.float32).replace("torch.", "")
+    rows = [Row("ceiling", "device copy", "", "", "uint8", "", None, None, copy_gbps, 1.0, note=device_name),
+            Row("ceiling", "matmul", "", "", mm_dtype, "", None, mm_tflops, None, 1.0, note=device_name)]
     if args.only in (None, "rmsnorm"):
         shapes = args.rmsnorm_shapes or (GPU_RMSNORM_SHAPES if HAS_CUDA else CPU_RMSNORM_SHAPES)
         rows += bench_rmsnorm(bench, shapes, dtype, copy_gbps)
