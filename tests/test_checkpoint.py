@@ -357,35 +357,47 @@ def test_first_save_killed_leaves_no_checkpoint(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ distributed save
 def _distributed_save(rank, world_size, root):
-    config = tiny_config()
-    tp, pp = 2, 2
-    t, p = rank % tp, rank // tp
-    full = random_full(config, seed=2)
-    mine = ref_rank_states(config, full, tp, pp)[(t, p)]
-    path = ck.save_checkpoint_distributed(root, 10, config, tp, pp, t, p, mine, meta={"rank": rank},
+    """Each rank of a TP=2 x PP=2 engine model (tied embeddings) saves its own parameters."""
+    from engine.parallel.layout import stage_layers
+    from engine.parallel.state import init_parallel
+    from engine.parallel.tensor_parallel import build_parallel_llama
+
+    config = tiny_config(tied=True)
+    state = init_parallel(tp=2, pp=2)
+    t, p = state.tp_rank, state.pp_rank
+    model = build_parallel_llama(config, state, seed=5, layer_ids=stage_layers(4, 2)[p],
+                                 pre_process=p == 0, post_process=p == 1)
+    mine = {n: param.detach() for n, param in model.named_parameters()}
+    path = ck.save_checkpoint_distributed(root, 10, config, 2, 2, t, p, mine, meta={"rank": rank},
                                           optimizer_state={"step": torch.tensor(float(rank))})
+    reloaded = ck.load_rank_shard(root, t, p, 2, 2)
+    same = set(reloaded) == set(mine) and all(torch.equal(reloaded[n], v) for n, v in mine.items())
     # A second save where rank 3 hands a wrong state: every rank must fail, nothing published.
     bad = dict(mine)
     if rank == 3:
         bad.pop("norm.weight")
     try:
-        ck.save_checkpoint_distributed(root, 11, config, tp, pp, t, p, bad)
+        ck.save_checkpoint_distributed(root, 11, config, 2, 2, t, p, bad)
         second = "saved"
     except ck.CheckpointError as e:
         second = str(e)
-    return str(path), second
+    return str(path), same, second
 
 
 @pytest.mark.distributed
-def test_distributed_save_each_rank_writes_its_file_set(tmp_path):
+def test_distributed_save_of_a_tensor_parallel_model_each_rank_writes_its_file_set(tmp_path):
+    from engine.model.llama import init_parameter
+
     results = run_distributed(_distributed_save, 4, args=(str(tmp_path),), timeout=180)
-    assert all(r[0] == str(tmp_path / "iter_0000010") for r in results)
-    assert all("rank 3: CheckpointError" in r[1] and "norm.weight" in r[1] for r in results)
+    assert all(r[0] == str(tmp_path / "iter_0000010") and r[1] for r in results)
+    assert all("rank 3: CheckpointError" in r[2] and "norm.weight" in r[2] for r in results)
     assert (tmp_path / "latest").read_text() == "10\n" and not (tmp_path / "iter_0000011").exists()
-    config = tiny_config()
-    full = random_full(config, seed=2)
-    loaded = ck.load_full_tensors(tmp_path)
-    assert all(torch.equal(loaded[n], full[n]) for n in full)
+    assert not (tmp_path / "iter_0000011.saving").exists()
+    config = tiny_config(tied=True)
+    loaded = ck.load_full_tensors(tmp_path)  # the full model equals the layout-independent init
+    assert set(loaded) == set(expected_shapes(config))
+    for n, shape in expected_shapes(config).items():
+        assert torch.equal(loaded[n], init_parameter(n, shape, config, 5)), n
     ckpt = ck.open_checkpoint(tmp_path)
     assert ckpt.meta(1, 1) == {"rank": 3}
     assert ckpt.optimizer_state(0, 1)["step"].item() == 2.0
