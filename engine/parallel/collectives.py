@@ -36,7 +36,7 @@ def group_rank(group) -> int:
 def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Sum (or ``op``) of ``x`` over the group, as a new tensor (``x`` is never modified: autograd
     may hand the same gradient tensor to several consumers)."""
-    out = x.contiguous().clone()
+    out = x.clone(memory_format=torch.contiguous_format)
     if group_size(group) > 1:
         dist.all_reduce(out, op=op, group=group)
     return out
