@@ -113,6 +113,21 @@ def test_wrong_world_size_fails_before_rendezvous(monkeypatch):
         init_parallel(4, 1)
 
 
+def test_init_from_torchrun_environment(monkeypatch):
+    from dist_utils import free_port
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert not dist.is_initialized()
+    state = init_parallel(1, 1, backend="gloo")
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        assert (state.world_size, state.rank, state.tp_size, state.dp_size, state.pp_size) == (1, 0, 1, 1, 1)
+        assert state.tp_group is not None and dist.get_world_size(state.tp_group) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def _groups_by_collective(rank, world_size, layouts):
     """Each group's members, found by all-reducing one-hot rank vectors over it, for each layout."""
     out = []
