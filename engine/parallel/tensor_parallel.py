@@ -93,7 +93,11 @@ def parallelize_model(model: Llama, state: ParallelState, sequence_parallel: boo
     hold values (a model loaded whole, in tests or small runs) are sliced instead. ``seed=None``
     leaves meta parameters uninitialised (allocated only), for a checkpoint load to fill.
 
-    Returns the model, whose ``forward`` gives this rank's vocabulary slice of the logits.
+    Returns the model, whose ``forward`` takes the whole [batch, seq] token ids on every TP rank and
+    gives this rank's vocabulary slice of the logits for the whole sequence. Under sequence
+    parallelism the embedding scatters the sequence (its length must be a multiple of TP), the
+    residual stream between layers is [batch, seq / TP, hidden] (what pipeline stages exchange),
+    and :func:`finish_grads` must run after the backward.
     """
     config = model.config
     if hasattr(model, "tensor_parallel_state"):
@@ -154,6 +158,8 @@ def build_parallel_llama(config, state: ParallelState, sequence_parallel: bool =
 def lm_head_vocab_range(model: Llama) -> tuple[int, int]:
     """(vocab_start, true vocab size) for :func:`vocab_parallel_cross_entropy` on this model's logits."""
     head = model.lm_head if model.lm_head is not None else model.tied_head
+    if head is None:
+        raise ValueError("this model (pipeline stage) has no LM head: its output is hidden states, not logits")
     if isinstance(head, VocabParallelLMHead):
         return head.vocab_start, head.vocab_size
     return 0, model.config.vocab_size
