@@ -126,28 +126,40 @@ def _sum_partials_kernel(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    block_m: int  # rows per tile
     block_n: int  # hidden size rounded up to a power of two
+    fwd_block_m: int  # rows per forward tile
     fwd_warps: int
+    bwd_block_m: int  # rows per backward tile
     bwd_warps: int
+    bwd_programs_per_sm: int
+
+
+# Backward registers per thread in the sm_90 compile report (8 values per thread, bf16/fp16/fp32):
+# 48-52 for one-row tiles, 64-79 for multi-row tiles. Used to size the grid to what fits at once.
+_BWD_REGISTERS = {True: 52, False: 80}
+_REGISTERS_PER_SM, _MAX_WARPS_PER_SM = 65536, 64
 
 
 def launch_config(n_rows: int, hidden: int) -> LaunchConfig:
     if hidden > MAX_HIDDEN:
         raise ValueError(f"rms_norm: hidden size {hidden} exceeds the supported maximum {MAX_HIDDEN}")
     block_n = next_power_of_2(hidden)
-    block_m = max(1, min(_TILE_ELEMENTS // block_n, next_power_of_2(max(n_rows, 1))))
-    # The backward keeps w, its dweight partial, x and dy live: 8 values per thread keeps it near 52
-    # registers (sm_90 compile report, hidden 4096-8192 bf16) so two programs fit per multiprocessor.
-    return LaunchConfig(block_m, block_n, num_warps_for(block_m * block_n, 16),
-                        num_warps_for(block_m * block_n, 8))
+    rows_pow2 = next_power_of_2(max(n_rows, 1))
+    fwd_block_m = max(1, min(_TILE_ELEMENTS // block_n, rows_pow2))
+    # The backward keeps w, its dweight partial, x and dy live: half the forward's values per thread.
+    bwd_block_m = max(1, min(_TILE_ELEMENTS // 2 // block_n, rows_pow2))
+    bwd_warps = num_warps_for(bwd_block_m * block_n, 8)
+    registers = _BWD_REGISTERS[bwd_block_m == 1] * 32 * bwd_warps
+    per_sm = max(1, min(_REGISTERS_PER_SM // registers, _MAX_WARPS_PER_SM // bwd_warps))
+    return LaunchConfig(block_n, fwd_block_m, num_warps_for(fwd_block_m * block_n, 16),
+                        bwd_block_m, bwd_warps, per_sm)
 
 
-def default_backward_programs(device: torch.device, bwd_warps: int) -> int:
-    """Programs for the backward grid: about 32 resident warps per multiprocessor, one wave."""
+def default_backward_programs(device: torch.device, cfg: LaunchConfig) -> int:
+    """Programs for the backward grid: as many as fit on the GPU at once (one wave)."""
     if interpreting() or device.type != "cuda":
         return multiprocessor_count(device)
-    return multiprocessor_count(device) * max(1, 32 // bwd_warps)
+    return multiprocessor_count(device) * cfg.bwd_programs_per_sm
 
 
 def backward_partition(n_rows: int, block_m: int, target_programs: int) -> tuple[int, int]:
@@ -180,9 +192,10 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: tor
     y = torch.empty((n_rows, hidden), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x2d.device)
     if n_rows > 0:
-        _rms_norm_fwd_kernel[(cdiv(n_rows, cfg.block_m),)](
+        _rms_norm_fwd_kernel[(cdiv(n_rows, cfg.fwd_block_m),)](
             x2d, weight, y, rstd, n_rows, hidden, x2d.stride(0), y.stride(0), eps,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BF16_BY_HAND=interpreting(), num_warps=cfg.fwd_warps,
+            BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, BF16_BY_HAND=interpreting(),
+            num_warps=cfg.fwd_warps,
         )
     return y, rstd
 
@@ -197,13 +210,13 @@ def _backward(
     dw = torch.empty_like(weight) if compute_dw else None
     if n_rows == 0:
         return dx, (dw.zero_() if compute_dw else None)
-    target = programs if programs is not None else default_backward_programs(x2d.device, cfg.bwd_warps)
-    rows_per_program, grid = backward_partition(n_rows, cfg.block_m, target)
+    target = programs if programs is not None else default_backward_programs(x2d.device, cfg)
+    rows_per_program, grid = backward_partition(n_rows, cfg.bwd_block_m, target)
     partial = torch.empty((grid, hidden), dtype=torch.float32, device=x2d.device) if compute_dw else dx
     _rms_norm_bwd_kernel[(grid,)](
         dy2d, x2d, weight, rstd, dx, partial,
         n_rows, hidden, rows_per_program, dy2d.stride(0), x2d.stride(0), dx.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COMPUTE_DW=compute_dw,
+        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.block_n, COMPUTE_DW=compute_dw,
         BF16_BY_HAND=interpreting(), num_warps=cfg.bwd_warps,
     )
     if compute_dw:

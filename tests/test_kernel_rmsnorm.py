@@ -76,8 +76,8 @@ def test_matches_fp32_reference(shape, dtype):
 )
 def test_rows_split_unevenly_over_programs(n_rows, hidden, programs):
     cfg = launch_config(n_rows, hidden)
-    rows_per_program, grid = backward_partition(n_rows, cfg.block_m, programs)
-    assert rows_per_program % cfg.block_m == 0 and grid * rows_per_program >= n_rows
+    rows_per_program, grid = backward_partition(n_rows, cfg.bwd_block_m, programs)
+    assert rows_per_program % cfg.bwd_block_m == 0 and grid * rows_per_program >= n_rows
     if (n_rows, hidden) in ((10, 3000), (10, 1000)):
         # These cases must really use several programs, the last one with a shorter run of rows.
         assert grid > 1 and n_rows % rows_per_program != 0
@@ -89,7 +89,7 @@ def test_rows_split_unevenly_over_programs(n_rows, hidden, programs):
 def test_weight_gradient_sum_loops_over_partial_tiles(monkeypatch, n_rows, hidden, programs):
     """The final dweight sum handles more partial rows than one of its tiles (also a ragged last tile)."""
     monkeypatch.setattr(rmsnorm_module, "_SUM_TILE_ROWS", 2)
-    _, grid = backward_partition(n_rows, launch_config(n_rows, hidden).block_m, programs)
+    _, grid = backward_partition(n_rows, launch_config(n_rows, hidden).bwd_block_m, programs)
     assert grid == programs
     _check_against_reference((n_rows, hidden), torch.float32, seed=hidden, backward_programs=programs)
 
