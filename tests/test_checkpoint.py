@@ -5,10 +5,8 @@ The reference for every shard is a plain slicing computation written from the la
 independent of the engine's own sharding helpers; files are read back with the safetensors library.
 """
 import json
-import random
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,6 +16,7 @@ from dist_utils import run_distributed
 from engine.model.config import LlamaConfig
 from engine.model.llama import expected_shapes
 from engine.train import checkpoint as ck
+from engine.train import safetensors_io as sio
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
@@ -69,77 +68,6 @@ def ref_rank_states(config, full, tp, pp):
     return {(t, p): {n: ref_shard(n, full[n], config.vocab_size, tp, t).clone()
                      for n in ref_stage_names(config, pp, p)}
             for t in range(tp) for p in range(pp)}
-
-
-# ------------------------------------------------------------------------------ safetensors streaming
-def test_streamed_safetensors_file_is_read_by_the_library_and_reads_library_files(tmp_path):
-    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7, dtype=torch.int64),
-               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "mask": torch.tensor([True, False]),
-               "half": torch.randn(4).half()}
-    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-    path = tmp_path / "x.safetensors"
-    with ck.SafetensorsWriter(path, specs, {"format": "pt"}) as w:
-        for k in reversed(list(tensors)):  # any order
-            w.write(k, tensors[k])
-    raw = path.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    assert header_len % 8 == 0 and json.loads(raw[8:8 + header_len])["__metadata__"] == {"format": "pt"}
-    back = load_file(path)
-    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
-
-    lib_path = tmp_path / "lib.safetensors"
-    save_file(tensors, lib_path)
-    infos, _ = ck.read_header(lib_path)
-    for k, v in tensors.items():
-        got = ck.read_tensor(lib_path, infos[k])
-        assert got.dtype == v.dtype and torch.equal(got, v)
-
-
-def test_streamed_writer_refuses_bad_tensors_and_removes_incomplete_files(tmp_path):
-    path = tmp_path / "x.safetensors"
-    specs = {"w": (torch.float32, (2, 2)), "v": (torch.float32, (3,))}
-    with pytest.raises(ValueError, match=r"'w' is torch.float32\[2, 3\], declared torch.float32\[2, 2\]"):
-        with ck.SafetensorsWriter(path, specs) as w:
-            w.write("w", torch.zeros(2, 3))
-    assert not path.exists()
-    with pytest.raises(ValueError, match="'z' was not declared"):
-        with ck.SafetensorsWriter(path, specs) as w:
-            w.write("z", torch.zeros(3))
-    with pytest.raises(ValueError, match=r"never written: \['v'\]"):
-        with ck.SafetensorsWriter(path, specs) as w:
-            w.write("w", torch.zeros(2, 2))
-    assert not path.exists()
-
-
-def test_truncated_or_garbage_safetensors_is_refused_by_name(tmp_path):
-    good = tmp_path / "good.safetensors"
-    save_file({"w": torch.randn(100)}, good)
-    cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(good.read_bytes()[:-10])
-    with pytest.raises(ValueError, match=r"cut.safetensors: tensor 'w': offsets"):
-        ck.read_header(cut)
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"hello world, not a tensor file")
-    with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):
-        ck.read_header(junk)
-
-
-def test_state_encoding_round_trips_rng_states_and_nested_structures():
-    torch.manual_seed(3)
-    random.seed(4)
-    np.random.seed(5)
-    state = {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-             "consumed_samples": 1234, "loader": {"epoch": 2, "position": (7, 9)}, "by_id": {0: 1.5, 3: [1, "x"]},
-             "__odd": None}
-    decoded = ck.decode_state(json.loads(json.dumps(ck.encode_state(state))))
-    assert decoded["consumed_samples"] == 1234 and decoded["loader"] == {"epoch": 2, "position": (7, 9)}
-    assert decoded["by_id"] == {0: 1.5, 3: [1, "x"]} and decoded["__odd"] is None
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    torch.set_rng_state(decoded["rng"]["torch"])
-    random.setstate(decoded["rng"]["python"])
-    np.random.set_state(decoded["rng"]["numpy"])
-    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
-    assert np.random.rand() == expected[2]
 
 
 # --------------------------------------------------------------------------------- save and load
@@ -303,7 +231,7 @@ def test_save_refuses_wrong_states_by_name(tmp_path):
 
 
 def _fail_after(monkeypatch, n):
-    real = ck.SafetensorsWriter.write
+    real = sio.SafetensorsWriter.write
     calls = {"n": 0}
 
     def write(self, name, tensor):
@@ -311,7 +239,7 @@ def _fail_after(monkeypatch, n):
         if calls["n"] > n:
             raise OSError("disk full (simulated)")
         real(self, name, tensor)
-    monkeypatch.setattr(ck.SafetensorsWriter, "write", write)
+    monkeypatch.setattr(sio.SafetensorsWriter, "write", write)
 
 
 @pytest.mark.parametrize("killed", [False, True], ids=["exception", "killed"])

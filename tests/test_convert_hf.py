@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.convert import sharded
 from engine.train import checkpoint as ck
+from engine.train import safetensors_io as sio
 from test_checkpoint import ref_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,7 +272,7 @@ def test_interrupted_conversion_leaves_no_output(hf_dirs, tmp_path, monkeypatch,
     src = hf_dirs["tied_bf16_sharded"]
     if direction == "export":
         sharded.import_hf(src, tmp_path / "ck", tp=2, pp=1, progress=False)
-    real = ck.SafetensorsWriter.write
+    real = sio.SafetensorsWriter.write
     calls = {"n": 0}
 
     def failing_write(self, name, tensor):
@@ -279,7 +280,7 @@ def test_interrupted_conversion_leaves_no_output(hf_dirs, tmp_path, monkeypatch,
         if calls["n"] == 9:
             raise OSError("no space left on device (simulated)")
         real(self, name, tensor)
-    monkeypatch.setattr(ck.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(sio.SafetensorsWriter, "write", failing_write)
     dest = tmp_path / "dest"
     with pytest.raises(OSError, match="simulated"):
         if direction == "import":

@@ -23,9 +23,9 @@ from engine.convert.hf import (engine_to_hf_name, expected_engine_shapes, hf_to_
                                read_hf_config)
 from engine.parallel.layout import stage_of, tp_shard
 from engine.parallel.state import validate_layout
-from engine.train.checkpoint import (CheckpointWriter, SafetensorsWriter, canonical_order, dtype_name,
-                                     open_checkpoint, read_full_tensor, read_header, read_tensor,
+from engine.train.checkpoint import (CheckpointWriter, canonical_order, open_checkpoint, read_full_tensor,
                                      write_json_atomic)
+from engine.train.safetensors_io import SafetensorsWriter, dtype_name, read_header, read_tensor
 
 # Files besides the weights that make a HF directory usable: copied into the checkpoint on import
 # (under tokenizer/) and back out on export.

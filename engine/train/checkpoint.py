@@ -10,22 +10,19 @@ Parameter names and shards follow :mod:`engine.parallel.layout`; vocab-parallel 
 padded to ``padded_vocab_size(vocab, TP)``. A save builds ``iter_N.saving/``, renames it to ``iter_N/``
 once every rank's files and ``checkpoint.json`` are written, and only then replaces ``latest``, so a
 crash leaves the previous checkpoint or the new one, never a partial one that looks complete.
-Tensors are safetensors, everything else JSON: nothing here unpickles.
+Tensors are safetensors, everything else JSON: nothing here unpickles. Files are read and written
+through :mod:`engine.train.safetensors_io`, one tensor at a time and without mmap, so peak memory
+stays near one tensor (or one full parameter when resharding) rather than the checkpoint's size.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
-import struct
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import Any
 
 import torch
 
@@ -33,6 +30,8 @@ from engine.convert.hf import expected_engine_shapes
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import is_vocab_parallel, padded_vocab_size, stage_of, tp_shard, tp_shard_dim
 from engine.parallel.state import validate_layout
+from engine.train.safetensors_io import (CheckpointError, SafetensorsWriter, decode_state, dtype_name, encode_state,
+                                         read_header, read_tensor)
 
 FORMAT = "ltu-engine-checkpoint"
 FORMAT_VERSION = 1
@@ -40,10 +39,6 @@ CHECKPOINT_JSON = "checkpoint.json"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, of another model, or inconsistent; names the cause."""
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -56,206 +51,6 @@ def rank_dir_name(tp_rank: int, pp_rank: int) -> str:
 
 def optimizer_file_names(dp_rank: int) -> tuple[str, str]:
     return f"optim_dp_{dp_rank:03d}.safetensors", f"optim_dp_{dp_rank:03d}.json"
-
-
-# ------------------------------------------------------------- safetensors, streamed tensor by tensor
-# Our own reader and writer of the safetensors format (files stay readable by the safetensors
-# library): reads use plain file reads, not mmap, so pages of a large file do not pile up in the
-# process's resident memory; writes lay out the header first and fill tensors in any order.
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_CHUNK = 64 << 20
-_MAX_HEADER = 100 << 20
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _check_little_endian() -> None:
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors files are little-endian; this machine is not")
-
-
-class TensorInfo(NamedTuple):
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-
-def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensor names, dtypes, shapes and offsets of a safetensors file, validated against its size."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if not 0 < n <= min(size - 8, _MAX_HEADER):
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    infos = {}
-    for name, entry in header.items():
-        try:
-            dtype = _ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r}: unsupported or malformed header entry {entry!r}") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or 8 + n + end > size:
-            raise ValueError(f"{path}: tensor {name!r}: offsets {[begin, end]} do not fit "
-                             f"{entry['dtype']}{list(shape)} in a file of {size} bytes")
-        infos[name] = TensorInfo(dtype, shape, 8 + n + begin, 8 + n + end)
-    return infos, metadata
-
-
-def read_tensor(path: str | os.PathLike, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor straight into a fresh tensor (no mmap, no intermediate copy)."""
-    _check_little_endian()
-    out = torch.empty(info.shape, dtype=info.dtype)
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    with open(path, "rb", buffering=0) as f:
-        f.seek(info.start)
-        done = 0
-        while done < len(view):
-            got = f.readinto(view[done:done + _CHUNK])
-            if not got:
-                raise ValueError(f"{path}: file ends inside a tensor at byte {info.start + done}")
-            done += got
-    return out
-
-
-class SafetensorsWriter:
-    """A safetensors file whose tensors are declared up front and written one at a time, in any
-    order: a file larger than memory is produced holding one tensor at a time.
-
-    Use as a context manager: leaving with an exception deletes the file; leaving normally checks
-    that every declared tensor was written, then flushes and fsyncs.
-    """
-
-    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
-        _check_little_endian()
-        self.path = Path(path)
-        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-        self._slots: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-        offset = 0
-        for name, (dtype, shape) in specs.items():
-            if dtype not in _ST_NAMES:
-                raise ValueError(f"{self.path}: tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._slots[name] = (dtype, tuple(shape), offset)
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as the format recommends
-        self._base = 8 + len(raw)
-        self.nbytes = offset
-        self._pending = set(self._slots)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self._slots:
-            raise ValueError(f"{self.path}: tensor {name!r} was not declared for this file")
-        dtype, shape, offset = self._slots[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, "
-                             f"declared {dtype}{list(shape)}")
-        if name not in self._pending:
-            raise ValueError(f"{self.path}: tensor {name!r} written twice")
-        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._file.seek(self._base + offset)
-        for i in range(0, len(data), _CHUNK):
-            self._file.write(data[i:i + _CHUNK])
-        self._pending.discard(name)
-
-    def close(self) -> None:
-        if self._pending:
-            self.abort()
-            raise ValueError(f"{self.path}: tensor(s) declared but never written: {sorted(self._pending)}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-
-    def abort(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-# ------------------------------------------------------- JSON form of states (RNG, optimizer, loader)
-def encode_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, key: str = "state") -> Any:
-    """JSON-able form of nested dicts, lists, tuples, scalars, tensors and numpy arrays.
-
-    Tensors are moved into ``tensors`` under a path-like key when it is given (optimizer moments),
-    else inlined as base64 (small things: RNG states). Non-string dict keys and tuples survive.
-    """
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        if tensors is not None:
-            tensors[key] = t
-            return {"__tensor__": key}
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        return {"__tensor_b64__": base64.b64encode(raw).decode(), "dtype": _ST_NAMES[t.dtype], "shape": list(t.shape)}
-    if isinstance(obj, np.ndarray):
-        arr = np.ascontiguousarray(obj)
-        return {"__ndarray__": base64.b64encode(arr.tobytes()).decode(), "dtype": arr.dtype.str, "shape": list(arr.shape)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, Mapping):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: encode_state(v, tensors, f"{key}.{k}") for k, v in obj.items()}
-        return {"__items__": [[encode_state(k), encode_state(v, tensors, f"{key}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
-    raise TypeError(f"cannot store a {type(obj).__name__} (at {key}) in a checkpoint")
-
-
-def decode_state(obj: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> Any:
-    """Inverse of :func:`encode_state`."""
-    if isinstance(obj, list):
-        return [decode_state(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        if tensors is None or obj["__tensor__"] not in tensors:
-            raise CheckpointError(f"state refers to tensor {obj['__tensor__']!r}, absent from its safetensors file")
-        return tensors[obj["__tensor__"]]
-    if "__tensor_b64__" in obj:
-        raw = bytearray(base64.b64decode(obj["__tensor_b64__"]))
-        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        return flat.view(_ST_DTYPES[obj["dtype"]]).reshape(obj["shape"])
-    if "__ndarray__" in obj:
-        raw = base64.b64decode(obj["__ndarray__"])
-        return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
-    if "__tuple__" in obj:
-        return tuple(decode_state(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {decode_state(k): decode_state(v, tensors) for k, v in obj["__items__"]}
-    return {k: decode_state(v, tensors) for k, v in obj.items()}
 
 
 # ----------------------------------------------------------------------------- layout of the shards

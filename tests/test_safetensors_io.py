@@ -1,0 +1,85 @@
+"""Streamed safetensors reading and writing, and the JSON form of training states.
+
+Files written here are read back with the safetensors library and files the library wrote are read
+here (golden format = the library's); states round-trip through real JSON text and the restored RNG
+states must reproduce the same random streams.
+"""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.train import safetensors_io as sio
+
+
+def test_streamed_safetensors_file_is_read_by_the_library_and_reads_library_files(tmp_path):
+    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7, dtype=torch.int64),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "mask": torch.tensor([True, False]),
+               "half": torch.randn(4).half()}
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    path = tmp_path / "x.safetensors"
+    with sio.SafetensorsWriter(path, specs, {"format": "pt"}) as w:
+        for k in reversed(list(tensors)):  # any order
+            w.write(k, tensors[k])
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert header_len % 8 == 0 and json.loads(raw[8:8 + header_len])["__metadata__"] == {"format": "pt"}
+    back = load_file(path)
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+    lib_path = tmp_path / "lib.safetensors"
+    save_file(tensors, lib_path)
+    infos, _ = sio.read_header(lib_path)
+    for k, v in tensors.items():
+        got = sio.read_tensor(lib_path, infos[k])
+        assert got.dtype == v.dtype and torch.equal(got, v)
+
+
+def test_streamed_writer_refuses_bad_tensors_and_removes_incomplete_files(tmp_path):
+    path = tmp_path / "x.safetensors"
+    specs = {"w": (torch.float32, (2, 2)), "v": (torch.float32, (3,))}
+    with pytest.raises(ValueError, match=r"'w' is torch.float32\[2, 3\], declared torch.float32\[2, 2\]"):
+        with sio.SafetensorsWriter(path, specs) as w:
+            w.write("w", torch.zeros(2, 3))
+    assert not path.exists()
+    with pytest.raises(ValueError, match="'z' was not declared"):
+        with sio.SafetensorsWriter(path, specs) as w:
+            w.write("z", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"never written: \['v'\]"):
+        with sio.SafetensorsWriter(path, specs) as w:
+            w.write("w", torch.zeros(2, 2))
+    assert not path.exists()
+
+
+def test_truncated_or_garbage_safetensors_is_refused_by_name(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.randn(100)}, good)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"cut.safetensors: tensor 'w': offsets"):
+        sio.read_header(cut)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not a tensor file")
+    with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):
+        sio.read_header(junk)
+
+
+def test_state_encoding_round_trips_rng_states_and_nested_structures():
+    torch.manual_seed(3)
+    random.seed(4)
+    np.random.seed(5)
+    state = {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+             "consumed_samples": 1234, "loader": {"epoch": 2, "position": (7, 9)}, "by_id": {0: 1.5, 3: [1, "x"]},
+             "__odd": None}
+    decoded = sio.decode_state(json.loads(json.dumps(sio.encode_state(state))))
+    assert decoded["consumed_samples"] == 1234 and decoded["loader"] == {"epoch": 2, "position": (7, 9)}
+    assert decoded["by_id"] == {0: 1.5, 3: [1, "x"]} and decoded["__odd"] is None
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.set_rng_state(decoded["rng"]["torch"])
+    random.setstate(decoded["rng"]["python"])
+    np.random.set_state(decoded["rng"]["numpy"])
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
