@@ -50,7 +50,8 @@ def run_child(body: str, **fmt) -> dict:
 GENERATE = """
 from engine.model.config import LlamaConfig
 from engine.model.llama import expected_shapes
-from engine.train.checkpoint import SafetensorsWriter, write_json_atomic
+from engine.train.checkpoint import write_json_atomic
+from engine.train.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from pathlib import Path
 out = Path({out!r}); out.mkdir(parents=True)
 config = LlamaConfig(**{config!r})
@@ -89,8 +90,8 @@ from engine.convert.hf import hf_weight_files
 a, b = hf_weight_files({hf!r}), hf_weight_files({out!r})
 assert set(a) == set(b), sorted(set(a) ^ set(b))
 for name in a:
-    ia, ib = ck.read_header(a[name])[0][name], ck.read_header(b[name])[0][name]
-    assert torch.equal(ck.read_tensor(a[name], ia), ck.read_tensor(b[name], ib)), name
+    ia, ib = read_header(a[name])[0][name], read_header(b[name])[0][name]
+    assert torch.equal(read_tensor(a[name], ia), read_tensor(b[name], ib)), name
 print("verified", len(a), "tensors bit for bit")
 """
 

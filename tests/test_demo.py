@@ -1,6 +1,5 @@
 """The README's demo, small: the data path end to end, with the reward mask lined up on samples."""
 import json
-import os
 
 import numpy as np
 
@@ -9,7 +8,6 @@ from engine.data.tokenizer import Tokenizer
 from engine.demo import DemoConfig, _SampleMasks, run_data_demo
 from engine.data.samples import GPTSampleDataset
 
-OBD_MEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "obd", "random", "men")
 
 def test_demo_runs_end_to_end(tmp_path):
     lines = []
