@@ -30,7 +30,7 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 from engine.convert import sharded
-from engine.train import checkpoint as ck
+from engine.train.safetensors_io import SafetensorsWriter, read_header, read_tensor
 t0 = time.perf_counter()
 """
 CHILD_EPILOGUE = """
@@ -51,7 +51,6 @@ GENERATE = """
 from engine.model.config import LlamaConfig
 from engine.model.llama import expected_shapes
 from engine.train.checkpoint import write_json_atomic
-from engine.train.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from pathlib import Path
 out = Path({out!r}); out.mkdir(parents=True)
 config = LlamaConfig(**{config!r})
