@@ -113,14 +113,15 @@ def _sum_partials_kernel(
     PARTIAL, OUT, n_partials, n_cols,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BF16_BY_HAND: tl.constexpr,
 ):
-    """OUT[c] = sum_p PARTIAL[p, c] over [BLOCK_P, BLOCK_C] tiles: a fixed order, the same bits every run."""
+    """OUT[c] = sum_p PARTIAL[p, c] over [BLOCK_P, BLOCK_C] tiles: a fixed order, same bits every run."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < n_cols
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for p_start in range(0, n_partials, BLOCK_P):
         parts = p_start + tl.arange(0, BLOCK_P)
         mask = (parts < n_partials)[:, None] & col_mask[None, :]
-        acc += tl.sum(tl.load(PARTIAL + parts[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
+        tile = tl.load(PARTIAL + parts[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
     tl.store(OUT + cols, cast_rtne(acc, OUT.dtype.element_ty, BF16_BY_HAND), mask=col_mask)
 
 

@@ -15,9 +15,10 @@ Without CUDA it still runs, saying so: Triton kernels go through the interpreter
 CPU-capable implementations run, and the timings are a smoke test, not speed numbers.
 
 Timing (CUDA): warm-up calls (compilation and autotuning happen there), then each repetition flushes
-the L2 cache by writing a 1 GiB buffer (which also covers the host's launch overhead) and is timed alone
-with CUDA events; the median is reported. Every implementation is first checked against an fp32 reference on the same random inputs
-(rel_err = max |out - ref| / max |ref| over the output or the gradients).
+the L2 cache by writing a 1 GiB buffer (which also covers the host's launch overhead) and is timed
+alone with CUDA events; the median is reported. Every implementation is first checked against an fp32
+reference on the same random inputs (rel_err = max |out - ref| / max |ref| over the output or the
+gradients).
 """
 from __future__ import annotations
 
@@ -256,8 +257,8 @@ def attention_impls(bench: Bench) -> dict:
     impls = {}
     try:
         attention = importlib.import_module("kernels.attention")
-        impls["triton"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(q, k, v, causal=c,
-                                                                                         softmax_scale=s), "")
+        impls["triton"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(
+            q, k, v, causal=c, softmax_scale=s), "")
     except Exception as e:
         bench.say(f"attention: kernels.attention unavailable ({type(e).__name__}: {e}); "
                   "its rows are skipped")
