@@ -96,7 +96,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0)
+    # Last query tiles first: under causal they carry the most work, so the short ones fill the tail.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
@@ -163,8 +164,8 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh,
 
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
-                     start, end, offs_n, seq_len, qk_scale, BLOCK_M: tl.constexpr,
-                     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     start, end, mask_end, offs_n, seq_len, qk_scale, BLOCK_M: tl.constexpr,
+                     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Works on the transposed scores (keys x queries) so that dK and dV come out as [BLOCK_N, D].
     # Query rows past the sequence end load as zeros with lse = delta = 0: their p is 1 and their
     # dO is 0, so they add exactly nothing.
@@ -178,8 +179,11 @@ def _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_q
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-        if MASKED:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        if CAUSAL:
+            # Only tiles overlapping the diagonal need the mask. A uniform branch in one loop rather
+            # than two loops: the second copy of the loop pushed dK/dV into register spills.
+            if start_m < mask_end:
+                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -220,20 +224,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_dos
                    + offs_d[None, :])
         row_base = (off_b * num_heads + off_h) * seq_len
-        if CAUSAL:
-            # Query blocks before this key block see none of it: skipped. The ones overlapping it
-            # need the mask; the ones after it see all of it.
-            diag_end = tl.minimum(n0 + BLOCK_N, seq_len)
-            dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
-                                      stride_qs, stride_dos, n0, diag_end, offs_n, seq_len, qk_scale,
-                                      BLOCK_M, True, DOT_PRECISION)
-            dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
-                                      stride_qs, stride_dos, n0 + BLOCK_N, seq_len, offs_n, seq_len,
-                                      qk_scale, BLOCK_M, False, DOT_PRECISION)
-        else:
-            dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
-                                      stride_qs, stride_dos, 0, seq_len, offs_n, seq_len, qk_scale,
-                                      BLOCK_M, False, DOT_PRECISION)
+        # Causal: query tiles before this key tile see none of it and are skipped; the tiles
+        # overlapping it need the mask; the later ones see all of it.
+        start = n0 if CAUSAL else 0
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                  stride_qs, stride_dos, start, seq_len, n0 + BLOCK_N, offs_n, seq_len,
+                                  qk_scale, BLOCK_M, CAUSAL, DOT_PRECISION)
 
     dk = dk * softmax_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
@@ -276,7 +272,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0)
+    # Last query tiles first: under causal they carry the most work, so the short ones fill the tail.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
@@ -356,22 +353,24 @@ class AttentionBlocks:
 # (block_m, block_n, warps, stages) candidates for CUDA with 16-bit inputs, by head_dim class; the
 # first entry of each list is the default used without tuning. Forward tiles follow the usual Hopper
 # choice (128 queries x 64 keys); the dK/dV pass keeps two [block_n, head_dim] fp32 accumulators in
-# registers, so its key tile shrinks or its warp count grows at head_dim 128.
+# registers, hence 8 warps for 128-key tiles. Every entry compiles for sm_90 without register spills
+# (ptxas resource usage, bf16 and fp16, causal and not).
 _FWD_CANDIDATES = {
     64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
 }
 _DKDV_CANDIDATES = {
-    64: [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
+    64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
+    128: [(32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
 }
 _DQ_CANDIDATES = {
     64: [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
     128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
 }
 _INTERPRETER_BLOCKS = AttentionBlocks(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, preprocess_m=16)
-# fp32 tiles take twice the shared memory; they are for testing, not for speed.
-_FP32_CUDA_BLOCKS = AttentionBlocks(64, 32, 4, 2, 32, 64, 4, 2, 64, 32, 4, 2)
+# fp32 (exact, non-TF32 dots) is for testing, not speed: its dots run on FMA units and need many
+# registers, so the tiles are the largest that compile without spills at head_dim 64 and 128.
+_FP32_CUDA_BLOCKS = AttentionBlocks(32, 16, 4, 2, 16, 16, 4, 2, 32, 16, 4, 2)
 
 
 def _head_dim_class(head_dim: int) -> int:
@@ -431,36 +430,41 @@ def _tiles_for(blocks: AttentionBlocks, kernel) -> tuple[int, int, int, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caller: str = "flash_attention",
+                  for_kernel: bool = True) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"flash_attention: {name} must be 4-D [batch, seq, heads, head_dim], "
+            raise ValueError(f"{caller}: {name} must be 4-D [batch, seq, heads, head_dim], "
                              f"got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"flash_attention: {name} has dtype {t.dtype}; supported: "
+        if for_kernel and t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{caller}: {name} has dtype {t.dtype}; supported: "
                             f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{caller}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"flash_attention: q, k, v must be on one device, got "
+        raise ValueError(f"{caller}: q, k, v must be on one device, got "
                          f"{q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+        raise ValueError(f"{caller}: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
     (batch, seq, heads, head_dim), kv_heads = q.shape, k.shape[2]
     if k.shape[0] != batch or k.shape[1] != seq:
-        raise ValueError(f"flash_attention: k/v batch and seq {tuple(k.shape[:2])} differ from q's "
+        raise ValueError(f"{caller}: k/v batch and seq {tuple(k.shape[:2])} differ from q's "
                          f"{(batch, seq)}")
     if k.shape[3] != head_dim:
-        raise ValueError(f"flash_attention: k/v head_dim {k.shape[3]} differs from q's {head_dim}")
+        raise ValueError(f"{caller}: k/v head_dim {k.shape[3]} differs from q's {head_dim}")
     if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"flash_attention: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+        raise ValueError(f"{caller}: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if not for_kernel:
+        return
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"flash_attention: head_dim {head_dim} unsupported; supported: "
+        raise ValueError(f"{caller}: head_dim {head_dim} unsupported; supported: "
                          f"{SUPPORTED_HEAD_DIMS}")
+    if batch * heads > 65535:
+        raise ValueError(f"{caller}: batch * heads = {batch * heads} exceeds the 65535 launch-grid limit")
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("flash_attention: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 "
+        raise RuntimeError(f"{caller}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 "
                            "set before importing kernels); use attention_reference on CPU otherwise")
 
 
@@ -582,7 +586,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     the matmuls in the input dtype with the softmax in fp32, as a straightforward half-precision
     implementation would (the baseline of the GPU accuracy rule). Returns q's dtype.
     """
-    _check_shapes_only(q, k, v)
+    _check_inputs(q, k, v, "attention_reference", for_kernel=False)
     heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     work = torch.float32 if upcast else q.dtype
@@ -597,14 +601,3 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     probs = torch.softmax(scores, dim=-1).to(work)
     return torch.matmul(probs, vh).transpose(1, 2).to(q.dtype)
 
-
-def _check_shapes_only(q, k, v) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention_reference: q, k, v must be 4-D, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"attention_reference: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} do not match")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"attention_reference: q heads ({q.shape[2]}) must be a multiple of k/v "
-                         f"heads ({k.shape[2]})")
