@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -209,24 +210,32 @@ def _run_task(chunk):
 
 
 def _ordered_map(fn, args, chunks: Iterator[list], workers: int) -> Iterator:
-    """fn(*args)(chunk) over chunks, results in input order; at most 4 chunks in flight per worker.
+    """fn(*args)(chunk) (or fn(chunk) when args is None) over chunks, results in input order.
 
-    Pool.imap would read the whole input ahead of the workers; this keeps memory bounded.
+    At most 4 chunks per worker are in flight (Pool.imap would read the whole input ahead of the
+    workers). A worker that dies or fails to start raises BrokenProcessPool instead of hanging.
+    Workers are forked where possible: nothing is re-imported, and callers run from any script.
     """
     if workers <= 1:
         task = fn(*args) if args is not None else fn
         yield from map(task, chunks)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(fn, args) if args is not None else (None, ())) as pool:
-        call = _run_task if args is not None else fn
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    init_args = (fn, args) if args is not None else (None, ())
+    call = _run_task if args is not None else fn
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                             initializer=_init_worker, initargs=init_args) as pool:
         pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(call, (chunk,)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(call, chunk))
+                if len(pending) >= 4 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # --------------------------------------------------------------------------- the run
