@@ -10,7 +10,7 @@ import pytest
 
 from engine.data.indexed import IndexedDataset
 from engine.data.obd import iter_obd_rows
-from engine.data.preprocess import PreprocessConfig, PreprocessError, preprocess
+from engine.data.preprocess import PreprocessConfig, PreprocessError, open_preprocessed, preprocess
 from engine.data.reward_bins import RewardBins
 from engine.data.sar import parse_json_line, parse_record, serialize_text
 from engine.data.synthetic import SyntheticConfig, write_logs
@@ -80,6 +80,13 @@ def test_synthetic_end_to_end_identical_for_1_and_2_workers(env, tmp_path):
     assert meta["tokenizer"]["vocab_size"] == env["tok"].vocab_size and meta["append_eod"] is True
     assert meta["reward_label_ids"]["<|r1|>"] == env["tok"].encode("<|r1|>")
     assert meta["domains"]["game"] == 12
+    opened = open_preprocessed(str(tmp_path / "w1" / "data"))
+    assert opened.meta == meta and opened.bins == bins and len(opened.reward_mask) == s1.records
+    run(env, [env["episodes"], env["train"]], tmp_path / "w3" / "data")  # same records, another order
+    for suffix in ("_reward_mask.bin", "_reward_mask.idx"):  # tokens of one run next to the mask of another
+        shutil.copy(tmp_path / "w3" / f"data{suffix}", tmp_path / "w1" / f"data{suffix}")
+    with pytest.raises(ValueError, match="disagree"):
+        open_preprocessed(str(tmp_path / "w1" / "data"))
     assert not [f for f in os.listdir(tmp_path / "w1") if "tmp" in f]
 
 

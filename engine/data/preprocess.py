@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from engine.data.indexed import IndexedDatasetBuilder, best_dtype
+from engine.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from engine.data.obd import ObdOptions, is_obd_log, iter_obd_rows
 from engine.data.reward_bins import DEFAULT_NUM_BINS, RewardBins
 from engine.data.sar import REWARD_LABELS, RecordError, parse_json_line, parse_record, serialize_text
@@ -403,3 +403,30 @@ def train_tokenizer_on_logs(inputs: list[str], model_path: str, vocab_size: int 
     bins = RewardBins.fit_records(records)
     texts = [serialize_text(r, bins.classify) for r in records]
     return train_tokenizer(texts, model_path, vocab_size=vocab_size, **train_kwargs), len(records)
+
+
+@dataclass(frozen=True)
+class PreprocessedDataset:
+    """What training and evaluation open: tokens, the aligned reward mask, the meta and the bins."""
+
+    tokens: IndexedDataset
+    reward_mask: IndexedDataset
+    meta: dict
+    bins: RewardBins
+
+
+def open_preprocessed(prefix: str) -> PreprocessedDataset:
+    """Open ``<prefix>`` as written by ``preprocess``, checking that its parts belong together."""
+    meta_path = f"{prefix}.meta.json"
+    try:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{meta_path} not found: not a preprocessed SAR dataset") from None
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"{meta_path}: not a {META_FORMAT} meta file")
+    tokens, mask = IndexedDataset(prefix), IndexedDataset(prefix + MASK_SUFFIX)
+    if len(tokens) != meta["counts"]["records"] or not np.array_equal(tokens.sequence_lengths, mask.sequence_lengths):
+        raise ValueError(f"{prefix}: tokens, reward mask and meta disagree (mixed files from different runs?)")
+    bins = RewardBins.load(os.path.join(os.path.dirname(prefix), meta["reward_bins"]))
+    return PreprocessedDataset(tokens, mask, meta, bins)
