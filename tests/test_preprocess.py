@@ -66,12 +66,13 @@ def test_synthetic_end_to_end_identical_for_1_and_2_workers(env, tmp_path):
     s1 = run(env, [env["train"], env["episodes"]], tmp_path / "w1" / "data", workers=1, append_eod=True)
     s2 = run(env, [env["train"], env["episodes"]], tmp_path / "w2" / "data", workers=2, append_eod=True)
     assert read_bytes(tmp_path / "w1" / "data") == read_bytes(tmp_path / "w2" / "data")
-    assert (s1.records, s1.episodes, s1.steps, s1.blank_lines) == (4 * 150 + 12, 12, 4 * 150 + 24, 1)
-    assert s1.tokens == s2.tokens and s1.reward_tokens == s1.steps  # one reward field per step, one token each
     # Independent expectation: every input line parsed and encoded on its own, in input order.
     files = sorted(os.path.join(env["train"], f) for f in os.listdir(env["train"])) + [env["episodes"]]
     records = [parse_json_line(line, f"{p}:{i}") for p in files
                for i, line in enumerate(open(p).read().splitlines(), 1) if line.strip()]
+    assert len(files) == 6 and (s1.records, s1.blank_lines) == (5 * 150 + 12, 1)
+    assert (s1.episodes, s1.steps) == (150 + 12, sum(len(r.steps) for r in records))
+    assert s1.tokens == s2.tokens and s1.reward_tokens == s1.steps  # one reward field per step, one token each
     bins = RewardBins.load(str(tmp_path / "w1" / "data.reward_bins.json"))
     assert bins == RewardBins.fit_records(records)
     check_dataset(str(tmp_path / "w1" / "data"), records, RecordEncoder(env["tok"], bins), append_eod=True)

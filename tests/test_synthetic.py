@@ -13,6 +13,17 @@ from engine.data.synthetic import (DOMAIN_REWARDS, SyntheticConfig, bayes_ceilin
                                    expected_auc, generate, roc_auc, write_logs)
 
 
+def per_step(records, field):
+    """(true distribution, observed value) of every step of every record (episodes included)."""
+    out = []
+    for r in records:
+        if "steps" in r:
+            out += [(d[field], s["reward"][field]) for d, s in zip(r["meta"]["reward_dist"], r["steps"])]
+        else:
+            out.append((r["meta"]["reward_dist"][field], r["reward"][field]))
+    return out
+
+
 @pytest.fixture(scope="module")
 def samples():
     config = SyntheticConfig(seed=11, train_per_domain=6000)
@@ -29,16 +40,17 @@ def test_deterministic_from_seed_and_valid_records():
         for r in a:
             record = parse_record(r)
             assert record.domain == domain and list(record.steps[0].reward) == [DOMAIN_REWARDS[domain][0]]
+            assert record.episode == (domain == "feed/session")
     # A split's size does not change another split's records.
     bigger = SyntheticConfig(seed=5, train_per_domain=50, test_per_domain=999)
     assert list(generate(bigger, "ads/ctr", "train")) == list(generate(config, "ads/ctr", "train"))
 
 
 def test_bernoulli_rewards_follow_recorded_p_bucket_by_bucket(samples):
-    for domain in ("ads/ctr", "shop/purchase"):
-        field = DOMAIN_REWARDS[domain][0]
-        p = np.array([r["meta"]["reward_dist"][field]["p"] for r in samples[domain]])
-        y = np.array([r["reward"][field] for r in samples[domain]])
+    for domain in ("ads/ctr", "shop/purchase", "feed/session"):
+        pairs = per_step(samples[domain], DOMAIN_REWARDS[domain][0])
+        p = np.array([d["p"] for d, _ in pairs])
+        y = np.array([v for _, v in pairs])
         assert p.std() > 0.1  # there is signal to learn
         order = np.argsort(p)
         for bucket in np.array_split(order, 5):
@@ -71,12 +83,12 @@ def test_poisson_counts_follow_recorded_rate(samples):
 @pytest.mark.parametrize("domain", list(DOMAIN_REWARDS))
 def test_class_probabilities_match_empirical_class_frequencies(samples, domain):
     field = DOMAIN_REWARDS[domain][0]
-    records = [parse_record(r) for r in samples[domain]]
-    bins = RewardBins.fit_records(records[:3000])
+    bins = RewardBins.fit_records(parse_record(r) for r in samples[domain][:3000])
     fb = bins.get(domain, field)
-    probs = np.stack([class_probabilities(r.meta["reward_dist"][field], fb) for r in records[3000:]])
+    pairs = per_step(samples[domain][3000:], field)
+    probs = np.stack([class_probabilities(d, fb) for d, _ in pairs])
     assert np.all(probs >= -1e-15) and np.allclose(probs.sum(axis=1), 1.0)
-    observed = np.array([fb.classify(r.steps[0].reward[field]) for r in records[3000:]])
+    observed = np.array([fb.classify(v) for _, v in pairs])
     n = len(observed)
     for k in range(fb.num_classes):
         sd = math.sqrt(np.sum(probs[:, k] * (1 - probs[:, k]))) / n
@@ -139,6 +151,12 @@ def test_bayes_ceiling_matches_direct_computation(samples):
     imp = ceiling[("ads/impressions", "impressions")]
     assert imp.auc is None and imp.num_classes == bins.num_classes("ads/impressions", "impressions") > 2
     assert 1.0 / imp.num_classes < imp.expected_accuracy < 1.0
+    sessions = samples["feed/session"][:100]
+    session_bins = RewardBins.fit_records(parse_record(r) for r in sessions)
+    session = bayes_ceiling(sessions, session_bins)[("feed/session", "click")]
+    pairs = per_step(sessions, "click")
+    assert session.n == len(pairs) > len(sessions)
+    assert session.auc == pytest.approx(direct_auc([d["p"] for d, _ in pairs], [v for _, v in pairs]), abs=1e-12)
     with pytest.raises(ValueError, match="no meta.reward_dist"):
         bayes_ceiling([{"domain": "ads/ctr", "state": {}, "action": {}, "reward": {"click": 1}}], bins)
 
@@ -148,7 +166,7 @@ def test_write_logs_layout_manifest_and_ood(tmp_path):
     manifest = write_logs(config, str(tmp_path / "a"))
     write_logs(config, str(tmp_path / "b"))
     assert manifest["out_of_domain"] == ["shop/purchase"]
-    assert set(manifest["in_domain"]) == {"ads/ctr", "ads/cpc", "ads/impressions"}
+    assert set(manifest["in_domain"]) == {"ads/ctr", "ads/cpc", "ads/impressions", "feed/session"}
     for split, files in manifest["files"].items():
         for domain, rel in files.items():
             a, b = (tmp_path / "a" / rel).read_bytes(), (tmp_path / "b" / rel).read_bytes()

@@ -8,6 +8,8 @@ item's category) is shared by every domain. Each domain adds its own terms:
 - ``ads/cpc`` (in-domain): cost ~ LogNormal(mu = -0.5 + 0.4 aff + 0.7 log bid + price-tier term, 0.6)
 - ``ads/impressions`` (in-domain): impressions ~ Poisson(exp(0.5 + 0.5 aff + 0.4 log(budget/20) + hour term))
 - ``shop/purchase`` (out-of-domain): purchase ~ Bernoulli(sigmoid(-2 + 1.0 aff + 0.04 discount + season x category))
+- ``feed/session`` (in-domain, episodes): one user shown 2-5 items in turn; at step t,
+  click ~ Bernoulli(sigmoid(-1.0 + 1.0 aff + 0.5 clicks_so_far - 0.3 t)), clicks_so_far in the state
 
 Every record carries its exact reward distribution in ``meta.reward_dist`` (never serialized), so
 ``bayes_ceiling`` gives the best accuracy / AUC / log-loss any model can reach on a split once the
@@ -37,7 +39,8 @@ USER_FEATURES = {"age": AGES, "region": REGIONS, "device": DEVICES, "interest": 
 ITEM_FEATURES = {"category": CATEGORIES, "brand": BRANDS, "price_tier": PRICE_TIERS}
 
 DOMAIN_REWARDS = {"ads/ctr": ("click", "bernoulli"), "ads/cpc": ("cost", "lognormal"),
-                  "ads/impressions": ("impressions", "poisson"), "shop/purchase": ("purchase", "bernoulli")}
+                  "ads/impressions": ("impressions", "poisson"), "shop/purchase": ("purchase", "bernoulli"),
+                  "feed/session": ("click", "bernoulli")}
 SPLITS = ("train", "valid", "test")
 
 
@@ -90,6 +93,8 @@ class SyntheticWorld:
 
     def sample(self, domain: str, rng: np.random.Generator) -> dict:
         """One record (JSON-ready dict) of ``domain`` with its true reward distribution in meta."""
+        if domain == "feed/session":
+            return self._sample_session(rng)
         user = {k: _pick(v, rng) for k, v in USER_FEATURES.items()}
         item = {k: _pick(v, rng) for k, v in ITEM_FEATURES.items()}
         aff = self.affinity(user, item)
@@ -124,6 +129,21 @@ class SyntheticWorld:
         value = draw(dist, rng)
         return {"domain": domain, "state": state, "action": action, "reward": {field: value},
                 "meta": {"reward_dist": {field: dist}}}
+
+
+    def _sample_session(self, rng: np.random.Generator) -> dict:
+        user = {k: _pick(v, rng) for k, v in USER_FEATURES.items()}
+        steps, dists, clicks = [], [], 0
+        for t in range(int(rng.integers(2, 6))):
+            item = {k: _pick(v, rng) for k, v in ITEM_FEATURES.items()}
+            dist = {"kind": "bernoulli",
+                    "p": _sigmoid(-1.0 + 1.0 * self.affinity(user, item) + 0.5 * clicks - 0.3 * t)}
+            click = draw(dist, rng)
+            steps.append({"state": {**{f"user_{k}": v for k, v in user.items()}, "step": t, "clicks_so_far": clicks},
+                          "action": {f"item_{k}": v for k, v in item.items()}, "reward": {"click": click}})
+            dists.append({"click": dist})
+            clicks += click
+        return {"domain": "feed/session", "steps": steps, "meta": {"reward_dist": dists}}
 
 
 def _pick(values: tuple, rng: np.random.Generator):
@@ -269,11 +289,12 @@ def bayes_ceiling(records: Iterable[dict | SARRecord], bins: RewardBins) -> dict
         if not isinstance(record.meta, dict) or "reward_dist" not in record.meta:
             raise ValueError(f"{record.where or 'record'}: no meta.reward_dist (not a synthetic record?)")
         dists = record.meta["reward_dist"]
-        for step in record.steps:
+        for i, step in enumerate(record.steps):
+            step_dists = dists[i] if isinstance(dists, list) else dists
             for name, value in step.reward.items():
                 key = (record.domain, name)
                 field_bins = bins.get(*key)
-                probs.setdefault(key, []).append(class_probabilities(dists[name], field_bins))
+                probs.setdefault(key, []).append(class_probabilities(step_dists[name], field_bins))
                 observed.setdefault(key, []).append(field_bins.classify(value))
     out = {}
     for key, plist in probs.items():
