@@ -29,6 +29,9 @@ TP_SIZES = (4, 2)
 CASES = [(tp, tied, sp, False) for tp in TP_SIZES for tied in (False, True) for sp in (False, True)]
 CASES += [(4, True, True, True), (2, False, False, True)]
 TOL = 2e-5
+# Besides TOL, each error relative to the largest reference value of its quantity: the smallest
+# gradients (q/k at this init) are ~1e-3, so TOL alone would let a 1% error through there.
+REL_TOL = 1e-5
 
 
 def _config(tied):
@@ -100,14 +103,17 @@ def _run_case(state, tied, sp, recompute):
 
     full_logits = all_gather_along(local_logits.detach(), -1, state.tp_group)[..., :vocab]
     errors = {"loss": abs(loss.item() - ref_loss), "logits": _err(full_logits, ref_logits)}
+    scales = {"loss": abs(ref_loss), "logits": ref_logits.abs().max().item()}
     names = []
     for name, param in model.named_parameters():
         names.append(name)
         errors[f"grad:{name}"] = _err(gather_full_param(name, param.grad, state, vocab), ref_grads[name])
+        scales[f"grad:{name}"] = ref_grads[name].abs().max().item()
     expected_local = {n: tuple(tp_shard(n, torch.empty(shape, device="meta"), state.tp_size, state.tp_rank).shape)
                       for n, shape in expected_shapes(config).items()}
     return {
         "errors": errors,
+        "scales": scales,
         "names": sorted(names),
         "ref_names": sorted(ref_grads),
         "local_shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
@@ -141,6 +147,11 @@ def test_tp_model_matches_single_process(distributed_results, tp, tied, sp, reco
         assert result["names"] == result["ref_names"], f"rank {rank}: parameter names differ"
         bad = {k: v for k, v in result["errors"].items() if not v < TOL}
         assert not bad, f"rank {rank}, TP={tp}, tied={tied}, SP={sp}: differs from one process: {bad}"
+        scales = result["scales"]
+        assert set(scales) == set(result["errors"]) and all(v > 0 for v in scales.values())
+        relative = {k: v / scales[k] for k, v in result["errors"].items()}
+        bad = {k: v for k, v in relative.items() if not v < REL_TOL}
+        assert not bad, f"rank {rank}, TP={tp}, tied={tied}, SP={sp}: relative error too large: {bad}"
         # Every gradient was compared, and the rank holds only its shards of the model.
         assert len(result["errors"]) == 2 + len(result["ref_names"])
         assert result["local_shapes"] == result["expected_local_shapes"]
