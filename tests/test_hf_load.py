@@ -87,6 +87,13 @@ def test_load_hf_model_in_bfloat16(saved):
         logits = model(ids)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), hf(ids).logits, rtol=0.1, atol=0.1)
+    # Against transformers itself in bfloat16 (its SDPA attention, as the engine's CPU path): the same
+    # operations in the same order and dtypes, so the same bits. The fp32 comparison above only
+    # bounds the bf16 rounding; this one catches a wrong cast order (norm, rotary, head) in bf16.
+    hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(
+        single, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        assert torch.equal(logits, hf_bf16(ids).logits)
 
 
 def test_iter_hf_tensors_streams_every_tensor_once(saved):
