@@ -240,6 +240,55 @@ def test_unsupported_config_fields_and_impossible_layouts_are_named(hf_dirs, tmp
     assert (tmp_path / "ck_busy" / "x").read_text() == "keep me"
 
 
+def test_other_models_and_untied_heads_are_refused_on_import(hf_dirs, tmp_path):
+    src = hf_dirs["gqa"]
+    mistral = edited_copy(src, tmp_path / "mistral", edit_config=lambda c: c.update(model_type="mistral"))
+    assert_refused(mistral, tmp_path / "ck", "model_type 'mistral' is not supported")
+    gelu = edited_copy(src, tmp_path / "gelu", edit_config=lambda c: c.update(hidden_act="gelu"))
+    assert_refused(gelu, tmp_path / "ck", "hidden_act 'gelu' is not supported")
+    # Tensors of another architecture under a Llama config.
+    gpt2 = edited_copy(src, tmp_path / "gpt2", lambda t: t.update(
+        {"transformer.wte.weight": t.pop("model.embed_tokens.weight")}))
+    assert_refused(gpt2, tmp_path / "ck", r"missing tensor\(s\): \['model.embed_tokens.weight'\]; "
+                                          r"unexpected tensor\(s\): \['transformer.wte.weight'\]")
+    # Tied embeddings with a saved head that is not the embedding: refused, nothing left behind.
+    tied = hf_dirs["tied_bf16_sharded"]
+    differing = edited_copy(tied, tmp_path / "differing", lambda t: t.update(
+        {"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
+    assert_refused(differing, tmp_path / "ck", "tie_word_embeddings is true but 'lm_head.weight' differs", tp=2, pp=1)
+    # ...while an identical saved head is accepted and written once on export.
+    same = edited_copy(tied, tmp_path / "same", lambda t: t.update(
+        {"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    sharded.import_hf(same, tmp_path / "ck", tp=2, pp=2, progress=False)
+    sharded.export_hf(tmp_path / "ck", tmp_path / "out", progress=False)
+    assert set(hf_tensors(tmp_path / "out")) == set(hf_tensors(tied))
+
+
+def test_export_refuses_broken_rank_files_and_unknown_config_fields(hf_dirs, tmp_path):
+    root = tmp_path / "ck"
+    sharded.import_hf(hf_dirs["gqa"], root, tp=2, pp=2, progress=False)
+    rank_file = root / "iter_0000000" / "mp_rank_01_001" / "model.safetensors"
+    tensors = load_file(rank_file)
+    del tensors["layers.3.mlp.up_proj.weight"]
+    tensors["layers.3.mlp.down_proj.weight"] = tensors["layers.3.mlp.down_proj.weight"][:, :8].contiguous()
+    save_file(tensors, rank_file, metadata={"format": "pt"})
+    with pytest.raises(ck.CheckpointError, match=r"mp_rank_01_001/model.safetensors: missing tensor\(s\) "
+                                                 r"\['layers.3.mlp.up_proj.weight'\].*mis-shaped tensor\(s\) "
+                                                 r"\['layers.3.mlp.down_proj.weight \(64, 8\) \(expected \(64, 64\)\)'\]"):
+        sharded.export_hf(root, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+    other = tmp_path / "ck2"
+    sharded.import_hf(hf_dirs["gqa"], other, tp=1, pp=1, progress=False)
+    info_path = other / "iter_0000000" / "checkpoint.json"
+    info = json.loads(info_path.read_text())
+    info["config"]["fancy_gate"] = 3
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ck.CheckpointError, match="unknown field 'fancy_gate'"):
+        sharded.export_hf(other, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_refuses_non_checkpoints_and_incomplete_checkpoints(hf_dirs, tmp_path):
     with pytest.raises(ck.CheckpointError, match="not an engine checkpoint"):
         sharded.export_hf(hf_dirs["gqa"], tmp_path / "out", progress=False)
