@@ -18,7 +18,7 @@ from engine.parallel import collectives as C
 from engine.parallel.collectives import all_gather_along
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.parallel.layers import VocabParallelEmbedding, VocabParallelLMHead, is_sequence_parallel
-from engine.parallel.layout import tp_shard
+from engine.parallel.layout import is_vocab_parallel, tp_shard
 from engine.parallel.state import ParallelState, init_parallel, rank_layout, single_process_state
 from engine.parallel.tensor_parallel import (build_parallel_llama, finish_grads, gather_full_param,
                                              lm_head_vocab_range, parallelize_model)
@@ -109,11 +109,19 @@ def _run_case(state, tied, sp, recompute):
         names.append(name)
         errors[f"grad:{name}"] = _err(gather_full_param(name, param.grad, state, vocab), ref_grads[name])
         scales[f"grad:{name}"] = ref_grads[name].abs().max().item()
+    # Rows of the padded vocabulary take no part in the loss: their gradients are exactly zero.
+    padding_grad = 0.0
+    for name, param in model.named_parameters():
+        if is_vocab_parallel(name):
+            padding_rows = param.grad[max(0, vocab - start):]  # empty on ranks without padding
+            if padding_rows.numel():
+                padding_grad = max(padding_grad, padding_rows.abs().max().item())
     expected_local = {n: tuple(tp_shard(n, torch.empty(shape, device="meta"), state.tp_size, state.tp_rank).shape)
                       for n, shape in expected_shapes(config).items()}
     return {
         "errors": errors,
         "scales": scales,
+        "padding_grad": padding_grad,
         "names": sorted(names),
         "ref_names": sorted(ref_grads),
         "local_shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
@@ -147,6 +155,7 @@ def test_tp_model_matches_single_process(distributed_results, tp, tied, sp, reco
         assert result["names"] == result["ref_names"], f"rank {rank}: parameter names differ"
         bad = {k: v for k, v in result["errors"].items() if not v < TOL}
         assert not bad, f"rank {rank}, TP={tp}, tied={tied}, SP={sp}: differs from one process: {bad}"
+        assert result["padding_grad"] == 0.0, f"rank {rank}: vocabulary padding rows received gradients"
         scales = result["scales"]
         assert set(scales) == set(result["errors"]) and all(v > 0 for v in scales.values())
         relative = {k: v / scales[k] for k, v in result["errors"].items()}
