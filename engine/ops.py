@@ -3,7 +3,8 @@
 The model calls only these functions. On CUDA tensors, with Triton importable and kernels enabled,
 they run ``kernels.rmsnorm`` / ``kernels.attention``; otherwise (CPU, fp32 attention, unsupported head
 sizes, kernels switched off) they run the PyTorch code below, which computes exactly what Hugging Face
-``LlamaForCausalLM`` computes.
+``LlamaForCausalLM`` computes. Attention also falls back when batch * heads exceeds the kernel's
+launch grid (large inference batches).
 
 Kernels are switched off for the whole process by ``use_kernels(False)`` or the environment variable
 ``LTU_DISABLE_KERNELS=1``.
@@ -106,6 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if (_want_kernel(q, k, v) and q.dtype in _FLASH_DTYPES
             and (mod := _kernel_module("attention")) is not None
-            and q.shape[-1] in getattr(mod, "SUPPORTED_HEAD_DIMS", (64, 128))):
+            and q.shape[-1] in getattr(mod, "SUPPORTED_HEAD_DIMS", (64, 128))
+            and q.shape[0] * q.shape[2] <= getattr(mod, "MAX_BATCH_HEADS", 65535)):
         return mod.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)

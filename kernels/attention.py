@@ -44,6 +44,8 @@ from torch.autograd.function import once_differentiable
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# batch * heads is the second launch-grid axis, which CUDA caps at 65535 programs.
+MAX_BATCH_HEADS = 65535
 
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool,
@@ -461,8 +463,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caller: str
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{caller}: head_dim {head_dim} unsupported; supported: "
                          f"{SUPPORTED_HEAD_DIMS}")
-    if batch * heads > 65535:
-        raise ValueError(f"{caller}: batch * heads = {batch * heads} exceeds the 65535 launch-grid limit")
+    if batch * heads > MAX_BATCH_HEADS:
+        raise ValueError(f"{caller}: batch * heads = {batch * heads} exceeds the {MAX_BATCH_HEADS} "
+                         "launch-grid limit")
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"{caller}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 "
                            "set before importing kernels); use attention_reference on CPU otherwise")

@@ -229,6 +229,26 @@ def test_bad_inputs_are_refused_by_name(shapes, dtypes, match):
         flash_attention(q, k, v)
 
 
+def test_engine_dispatch_falls_back_beyond_the_launch_grid(monkeypatch):
+    """batch * heads is a grid axis capped at MAX_BATCH_HEADS: the kernel refuses more by name, and
+    engine.ops (its CUDA path forced here) sends such calls to PyTorch instead of failing."""
+    import kernels.attention as attention_module
+    from engine import ops
+
+    q = torch.zeros(attention_module.MAX_BATCH_HEADS + 1, 1, 1, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="batch \\* heads = 65536 exceeds"):
+        flash_attention(q, q, q)
+
+    called = []
+    monkeypatch.setattr(attention_module, "flash_attention", lambda *a, **kw: called.append(a[0].shape))
+    monkeypatch.setattr(ops, "_want_kernel", lambda *tensors: True)
+    out = ops.attention(q, q, q)
+    assert called == [] and out.shape == q.shape
+    fits = q[:attention_module.MAX_BATCH_HEADS]
+    ops.attention(fits, fits, fits)
+    assert called == [fits.shape]
+
+
 def test_bad_tiles_are_refused():
     with pytest.raises(ValueError, match="fwd_m=16 must be a multiple of fwd_n=32"):
         AttentionBlocks(16, 32, 4, 3, 32, 64, 4, 3, 64, 32, 4, 3)
