@@ -272,9 +272,9 @@ def test_export_refuses_broken_rank_files_and_unknown_config_fields(hf_dirs, tmp
     del tensors["layers.3.mlp.up_proj.weight"]
     tensors["layers.3.mlp.down_proj.weight"] = tensors["layers.3.mlp.down_proj.weight"][:, :8].contiguous()
     save_file(tensors, rank_file, metadata={"format": "pt"})
-    with pytest.raises(ck.CheckpointError, match=r"mp_rank_01_001/model.safetensors: missing tensor\(s\) "
-                                                 r"\['layers.3.mlp.up_proj.weight'\].*mis-shaped tensor\(s\) "
-                                                 r"\['layers.3.mlp.down_proj.weight \(64, 8\) \(expected \(64, 64\)\)'\]"):
+    expected = (r"mp_rank_01_001/model.safetensors: missing tensor\(s\) \['layers.3.mlp.up_proj.weight'\].*"
+                r"mis-shaped tensor\(s\) \['layers.3.mlp.down_proj.weight \(64, 8\) \(expected \(64, 64\)\)'\]")
+    with pytest.raises(ck.CheckpointError, match=expected):
         sharded.export_hf(root, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
