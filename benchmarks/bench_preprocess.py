@@ -12,7 +12,9 @@ import argparse
 import filecmp
 import os
 import platform
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -23,12 +25,19 @@ from engine.data.preprocess import PreprocessConfig, preprocess, train_tokenizer
 from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, write_logs  # noqa: E402
 
 
+def _children_cpu() -> float:
+    """CPU seconds of finished child processes (the workers, once their pool has shut down)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=100_000, help="total training records (split over domains)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3, help="runs per configuration; best and median reported")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ltu_bench_preprocess"))
     args = p.parse_args()
 
@@ -45,8 +54,10 @@ def main() -> None:
         print(f"trained tokenizer (vocab {args.vocab_size}) in {time.perf_counter() - t:.1f} s")
 
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs visible")
-    print("| workers | reward bins | records | tokens | seconds | records/s | tokens/s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"best and median of {args.repeat} runs")
+    print("| workers | reward bins | records | tokens | best s | median s | records/s (best) | tokens/s (best) "
+          "| CPU s main + workers (median) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     prefixes = []
     bins_path = os.path.join(args.workdir, "bins.json")
     for given_bins in (False, True):
@@ -56,12 +67,18 @@ def main() -> None:
                                       tokenizer_model=model, workers=workers, append_eod=True,
                                       chunk_size=args.chunk_size, progress=False,
                                       reward_bins=bins_path if given_bins else None)
-            t = time.perf_counter()
-            summary = preprocess(config)
-            secs = time.perf_counter() - t
+            times, main_cpu, worker_cpu = [], [], []
+            for _ in range(args.repeat):
+                c, w, t = time.process_time(), _children_cpu(), time.perf_counter()
+                summary = preprocess(config)
+                times.append(time.perf_counter() - t)
+                main_cpu.append(time.process_time() - c)
+                worker_cpu.append(_children_cpu() - w)
+            best, median = min(times), statistics.median(times)
             mode = "given (one pass)" if given_bins else "fitted (two passes)"
-            print(f"| {workers} | {mode} | {summary.records} | {summary.tokens} | {secs:.2f} "
-                  f"| {summary.records / secs:.0f} | {summary.tokens / secs:.0f} |", flush=True)
+            print(f"| {workers} | {mode} | {summary.records} | {summary.tokens} | {best:.2f} | {median:.2f} "
+                  f"| {summary.records / best:.0f} | {summary.tokens / best:.0f} "
+                  f"| {statistics.median(main_cpu):.2f} + {statistics.median(worker_cpu):.2f} |", flush=True)
             prefixes.append(prefix)
             if not given_bins:
                 shutil.copy(prefix + ".reward_bins.json", bins_path)
