@@ -256,3 +256,15 @@ def test_obd_log_without_item_context_is_refused(obd_subset, env, tmp_path):
     with pytest.raises(FileNotFoundError, match="item_context.csv"):
         run(env, [str(tmp_path / "p" / "c" / "c.csv")], tmp_path / "out")
     assert not os.path.exists(tmp_path / "out.idx")
+
+
+def test_failure_after_the_indexes_are_written_publishes_nothing(env, tmp_path, monkeypatch):
+    import engine.data.preprocess as pre
+
+    def broken_meta(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pre, "_write_meta", broken_meta)
+    with pytest.raises(OSError, match="disk full"):
+        run(env, [env["episodes"]], tmp_path / "data", workers=2)
+    assert os.listdir(tmp_path) == []
