@@ -47,6 +47,7 @@ def read_bytes(prefix):
 
 
 def check_dataset(prefix, expected_records, encoder, append_eod):
+    """Every stored record equals the record encoded on its own (with EOD when asked)."""
     ds, mask = IndexedDataset(prefix), IndexedDataset(prefix + "_reward_mask")
     assert len(ds) == len(mask) == len(expected_records)
     assert mask.dtype == np.uint8 and ds.dtype == np.uint16
@@ -89,6 +90,18 @@ def test_synthetic_end_to_end_identical_for_1_and_2_workers(env, tmp_path):
     with pytest.raises(ValueError, match="disagree"):
         open_preprocessed(str(tmp_path / "w1" / "data"))
     assert not [f for f in os.listdir(tmp_path / "w1") if "tmp" in f]
+
+
+def test_add_bos(env, tmp_path):
+    run(env, [env["episodes"]], tmp_path / "plain")
+    run(env, [env["episodes"]], tmp_path / "bos", add_bos=True, append_eod=True, workers=2)
+    plain, bos = IndexedDataset(str(tmp_path / "plain")), IndexedDataset(str(tmp_path / "bos"))
+    masks = IndexedDataset(str(tmp_path / "plain_reward_mask")), IndexedDataset(str(tmp_path / "bos_reward_mask"))
+    tok = env["tok"]
+    for i in range(len(plain)):
+        assert bos[i].tolist() == [tok.bos_id] + plain[i].tolist() + [tok.eos_id]
+        assert masks[1][i].tolist() == [0] + masks[0][i].tolist() + [0]
+    assert json.loads((tmp_path / "bos.meta.json").read_text())["add_bos"] is True
 
 
 def test_validation_split_uses_training_bins(env, tmp_path):

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=256, help="records per worker task")
     p.add_argument("--append-eod", action="store_true", help="append the EOS token to every record")
+    p.add_argument("--add-bos", action="store_true", help="start every record with the BOS token")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines (counted and listed) "
                    "instead of stopping at the first")
     p.add_argument("--reward-bins", default=None, help="use these reward bins (e.g. the training split's) "
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
-        workers=args.workers, append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines,
+        workers=args.workers, append_eod=args.append_eod, add_bos=args.add_bos, skip_bad_lines=args.skip_bad_lines,
         reward_bins=args.reward_bins, num_bins=args.num_bins, chunk_size=args.chunk_size,
         progress=not args.no_progress, obd=ObdOptions(hash_chars=args.obd_hash_chars))
     try:

@@ -52,6 +52,7 @@ class PreprocessConfig:
     tokenizer_model: str
     workers: int = 1
     append_eod: bool = False
+    add_bos: bool = False             # start every record with the tokenizer's BOS (as Llama pre-training did)
     skip_bad_lines: bool = False
     reward_bins: str | None = None    # load these bins instead of fitting on the input
     num_bins: int = DEFAULT_NUM_BINS
@@ -173,8 +174,8 @@ def scan_chunk(chunk: list) -> list:
 class ChunkEncoder:
     """Pass 2: parse, serialize and tokenize a chunk; tokens of the good records concatenated."""
 
-    def __init__(self, tokenizer_model: str, bins_json: dict, append_eod: bool, dtype: str):
-        self.encoder = RecordEncoder(Tokenizer(tokenizer_model), RewardBins.from_json(bins_json))
+    def __init__(self, tokenizer_model: str, bins_json: dict, append_eod: bool, add_bos: bool, dtype: str):
+        self.encoder = RecordEncoder(Tokenizer(tokenizer_model), RewardBins.from_json(bins_json), add_bos=add_bos)
         self.eod = self.encoder.tokenizer.eos_id if append_eod else None
         self.dtype = np.dtype(dtype)
 
@@ -275,7 +276,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     bins = RewardBins.load(config.reward_bins) if config.reward_bins else _fit_bins(paths, config)
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
-    encoder = RecordEncoder(tokenizer, bins)  # validates the labels before any worker starts
+    try:  # validates the labels (and BOS) before any worker starts
+        encoder = RecordEncoder(tokenizer, bins, add_bos=config.add_bos)
+    except ValueError as exc:
+        raise PreprocessError(str(exc)) from None
 
     tag = f".tmp-{os.getpid()}"
     tmp_prefix, tmp_mask_prefix = prefix + tag, prefix + MASK_SUFFIX + tag
@@ -288,7 +292,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     progress = _progress(config.progress)
     try:
         chunks = _chunks(iter_items(paths, config.obd, blank), config.chunk_size)
-        args = (config.tokenizer_model, bins.to_json(), config.append_eod, dtype.name)
+        args = (config.tokenizer_model, bins.to_json(), config.append_eod, config.add_bos, dtype.name)
         for tokens, masks, entries in _ordered_map(ChunkEncoder, args, chunks, config.workers):
             offset = 0
             for entry in entries:
@@ -348,7 +352,7 @@ def _write_meta(path, config, paths, tokenizer, encoder, dtype, summary) -> None
         "format": META_FORMAT, "version": 1,
         "tokenizer": {"model": os.path.abspath(config.tokenizer_model), "vocab_size": tokenizer.vocab_size,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
-        "dtype": dtype.name, "append_eod": config.append_eod,
+        "dtype": dtype.name, "append_eod": config.append_eod, "add_bos": config.add_bos,
         "reward_bins": os.path.basename(prefix) + ".reward_bins.json",
         "reward_bins_source": os.path.abspath(config.reward_bins) if config.reward_bins else "fitted on the input",
         "reward_mask": os.path.basename(prefix) + MASK_SUFFIX,
