@@ -38,6 +38,21 @@ def test_streamed_safetensors_file_is_read_by_the_library_and_reads_library_file
         assert got.dtype == v.dtype and torch.equal(got, v)
 
 
+def test_read_rows_reads_a_slice_of_dimension_0_of_a_library_file(tmp_path):
+    tensors = {"first": torch.randn(3, 2), "m": torch.randn(7, 3, 2).to(torch.bfloat16), "v": torch.arange(9)}
+    path = tmp_path / "lib.safetensors"
+    save_file(tensors, path)
+    infos, _ = sio.read_header(path)
+    for name, full in tensors.items():
+        for start, stop in ((0, full.shape[0]), (1, 3), (2, 2), (full.shape[0] - 1, full.shape[0])):
+            got = sio.read_rows(path, infos[name], start, stop)
+            assert got.dtype == full.dtype and torch.equal(got, full[start:stop]), (name, start, stop)
+    with pytest.raises(ValueError, match=r"lib.safetensors: rows 5:8 outside a tensor of shape \[7, 3, 2\]"):
+        sio.read_rows(path, infos["m"], 5, 8)
+    with pytest.raises(ValueError, match=r"rows 2:1 outside"):
+        sio.read_rows(path, infos["v"], 2, 1)
+
+
 def test_streamed_writer_refuses_bad_tensors_and_removes_incomplete_files(tmp_path):
     path = tmp_path / "x.safetensors"
     specs = {"w": (torch.float32, (2, 2)), "v": (torch.float32, (3,))}

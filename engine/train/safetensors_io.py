@@ -103,6 +103,16 @@ def read_tensor(path: str | os.PathLike, info: TensorInfo) -> torch.Tensor:
     return out
 
 
+def read_rows(path: str | os.PathLike, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (along dimension 0) of one tensor: a contiguous byte range, read alone."""
+    if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+        raise ValueError(f"{path}: rows {start}:{stop} outside a tensor of shape {list(info.shape)}")
+    row_bytes = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
+    part = TensorInfo(info.dtype, (stop - start,) + tuple(info.shape[1:]),
+                      info.start + start * row_bytes, info.start + stop * row_bytes)
+    return read_tensor(path, part)
+
+
 class SafetensorsWriter:
     """A safetensors file whose tensors are declared up front and written one at a time, in any
     order: a file larger than memory is produced holding one tensor at a time.
