@@ -176,6 +176,30 @@ def test_import_dtype_cast_and_tokenizer_dir_option(hf_dirs, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").exists() and not (tmp_path / "out" / "tokenizer.model").exists()
 
 
+def test_import_reads_column_and_vocabulary_shards_alone(hf_dirs, tmp_path, monkeypatch):
+    """Peak memory near one shard: dimension-0 slices are read from the file without the whole tensor
+    (row-parallel tensors, at most an MLP matrix, are read whole and sliced)."""
+    reads = []
+    real = sio.read_tensor
+
+    def recording_read(path, info):
+        reads.append(torch.Size(info.shape).numel())
+        return real(path, info)
+    monkeypatch.setattr(sio, "read_tensor", recording_read)
+    monkeypatch.setattr(sharded, "read_tensor", recording_read)
+    src = hf_dirs["gqa"]
+    sharded.import_hf(src, tmp_path / "ck", tp=2, pp=2, progress=False)
+    config = ck.open_checkpoint(tmp_path / "ck").config
+    shapes = ck.expected_engine_shapes(config)
+    largest_shard = max(torch.Size(ck.local_shape(n, s, config, 2)).numel() for n, s in shapes.items())
+    largest_row_parallel = max(torch.Size(s).numel() for n, s in shapes.items() if n.endswith(("o_proj.weight",
+                                                                                               "down_proj.weight")))
+    assert max(reads) <= max(largest_shard, largest_row_parallel) < torch.Size(shapes["embed_tokens.weight"]).numel()
+    monkeypatch.undo()
+    original = hf_tensors(src)
+    assert_rank_files_match_slicing(tmp_path / "ck", original, json.loads((src / "config.json").read_text()), 2, 2)
+
+
 def test_exported_directory_imports_again_to_identical_rank_files(hf_dirs, tmp_path):
     sharded.import_hf(hf_dirs["llama3_fp16"], tmp_path / "a", tp=2, pp=2, progress=False)
     sharded.export_hf(tmp_path / "a", tmp_path / "hf", progress=False)
@@ -256,6 +280,10 @@ def test_other_models_and_untied_heads_are_refused_on_import(hf_dirs, tmp_path):
     differing = edited_copy(tied, tmp_path / "differing", lambda t: t.update(
         {"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
     assert_refused(differing, tmp_path / "ck", "tie_word_embeddings is true but 'lm_head.weight' differs", tp=2, pp=1)
+    short_head = edited_copy(tied, tmp_path / "short_head", lambda t: t.update(
+        {"lm_head.weight": t["model.embed_tokens.weight"][:-1].clone()}))
+    assert_refused(short_head, tmp_path / "ck", r"mis-shaped tensor\(s\): \['lm_head.weight \[299, 64\] "
+                                                r"\(tied to the embedding: \[300, 64\]\)'\]", tp=2, pp=1)
     # ...while an identical saved head is accepted and written once on export.
     same = edited_copy(tied, tmp_path / "same", lambda t: t.update(
         {"lm_head.weight": t["model.embed_tokens.weight"].clone()}))

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from engine.convert.hf import (engine_to_hf_name, expected_engine_shapes, hf_to_engine_name, hf_weight_files,
                                read_hf_config)
-from engine.parallel.layout import stage_of, tp_shard
+from engine.parallel.layout import is_vocab_parallel, stage_of, tp_shard, tp_shard_dim, vocab_shard_range
 from engine.parallel.state import validate_layout
 from engine.train.checkpoint import (CheckpointWriter, canonical_order, open_checkpoint, read_full_tensor,
                                      write_json_atomic)
-from engine.train.safetensors_io import SafetensorsWriter, dtype_name, read_header, read_tensor
+from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_name, read_header, read_rows,
+                                         read_tensor)
 
 # Files besides the weights that make a HF directory usable: copied into the checkpoint on import
 # (under tokenizer/) and back out on export.
@@ -124,6 +125,9 @@ def plan_hf_import(hf_dir: str | os.PathLike):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             tied_head = (path, info)
+            if info.shape != expected["embed_tokens.weight"]:
+                misshaped.append(f"{hf_name} {list(info.shape)} (tied to the embedding: "
+                                 f"{list(expected['embed_tokens.weight'])})")
         elif name not in expected:
             unexpected.append(hf_name)
         elif info.shape != expected[name]:
@@ -138,6 +142,30 @@ def plan_hf_import(hf_dir: str | os.PathLike):
     if problems:
         raise ConversionError(f"{hf_dir}: " + "; ".join(problems))
     return config, plan, tied_head
+
+
+def _read_tp_shard(name: str, path: str, info: TensorInfo, tp: int, tp_rank: int) -> torch.Tensor:
+    """``tp_rank``'s slice of a HF tensor, as :func:`tp_shard` of the whole tensor gives it.
+
+    Slices along dimension 0 (column-parallel and vocabulary rows) are contiguous in the file and
+    read alone, so peak memory is one shard; row-parallel slices (dimension 1) are cut from the
+    whole tensor, which is at most an MLP or attention output matrix.
+    """
+    if tp_shard_dim(name) != 0 or tp == 1 and not is_vocab_parallel(name):
+        return tp_shard(name, read_tensor(path, info), tp, tp_rank)
+    rows = info.shape[0]
+    if is_vocab_parallel(name):
+        start, end = vocab_shard_range(rows, tp, tp_rank)
+        real = read_rows(path, info, min(start, rows), min(end, rows))
+        if real.shape[0] == end - start:
+            return real
+        shard = real.new_zeros((end - start,) + tuple(info.shape[1:]))  # vocabulary padding
+        shard[:real.shape[0]] = real
+        return shard
+    if rows % tp:
+        raise ValueError(f"{name}: dimension 0 of size {rows} is not divisible by the tensor-parallel size {tp}")
+    per = rows // tp
+    return read_rows(path, info, tp_rank * per, (tp_rank + 1) * per)
 
 
 def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
@@ -173,15 +201,18 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
         with tqdm(total=total, unit="B", unit_scale=True, desc="import", disable=not progress) as bar:
             for name in order:
                 hf_name, path, info = plan[name]
-                tensor = read_tensor(path, info).to(dtypes[name])
-                if name == "embed_tokens.weight" and tied_head is not None:
-                    if not torch.equal(read_tensor(*tied_head).to(dtypes[name]), tensor):
-                        raise ConversionError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' "
-                                              "differs from 'model.embed_tokens.weight'")
-                for stage in stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings):
-                    for t in range(tp):
-                        writers[(t, stage)].write(name, tp_shard(name, tensor, tp, t))
-                del tensor
+                stages = stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings)
+                for t in range(tp):
+                    shard = _read_tp_shard(name, path, info, tp, t).to(dtypes[name])
+                    if name == "embed_tokens.weight" and tied_head is not None:
+                        head = _read_tp_shard(name, *tied_head, tp, t).to(dtypes[name])
+                        if not torch.equal(head, shard):
+                            raise ConversionError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' "
+                                                  "differs from 'model.embed_tokens.weight'")
+                        del head
+                    for stage in stages:
+                        writers[(t, stage)].write(name, shard)
+                    del shard
                 bar.update(info.end - info.start)
         for key in list(writers):
             writers.pop(key).close()
