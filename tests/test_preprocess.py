@@ -110,11 +110,17 @@ def test_validation_split_uses_training_bins(env, tmp_path):
     valid = os.path.join(os.path.dirname(env["train"]), "valid")
     run(env, [valid], tmp_path / "valid", reward_bins=bins_path)
     assert RewardBins.load(str(tmp_path / "valid.reward_bins.json")) == RewardBins.load(bins_path)
-    assert json.loads((tmp_path / "valid.meta.json").read_text())["reward_bins_source"] == os.path.abspath(bins_path)
+    assert json.loads((tmp_path / "valid.meta.json").read_text())["reward_bins_source"] == [os.path.abspath(bins_path)]
     # A field the training bins do not know is a bad line naming file:line and the field.
     with pytest.raises(PreprocessError, match=r"episodes.jsonl:1: field 'steps\[0\].reward.score': no reward bins"):
         run(env, [env["episodes"]], tmp_path / "ep", reward_bins=bins_path)
     assert not os.path.exists(tmp_path / "ep.idx")
+    # The task's own bins merged with the training bins (as for an out-of-domain evaluation).
+    run(env, [env["episodes"]], tmp_path / "ep_own")
+    own = str(tmp_path / "ep_own.reward_bins.json")
+    run(env, [env["episodes"], valid], tmp_path / "ep", reward_bins=[bins_path, own])
+    merged = RewardBins.load(str(tmp_path / "ep.reward_bins.json"))
+    assert merged.fields == {**RewardBins.load(bins_path).fields, **RewardBins.load(own).fields}
 
 
 @pytest.fixture(scope="module")

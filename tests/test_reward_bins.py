@@ -116,3 +116,12 @@ def test_load_refuses_malformed_files(tmp_path, mutate, message):
     with pytest.raises(ValueError, match=message) as info:
         RewardBins.load(str(path))
     assert str(path) in str(info.value)
+
+
+def test_merge_unions_and_refuses_conflicts():
+    a = RewardBins({("d", "click"): FieldBins("binary", (), 3)})
+    b = RewardBins({("e", "cost"): FieldBins("quantile", (1.0,), 4), ("d", "click"): FieldBins("binary", (), 9)})
+    assert sorted(RewardBins.merge([a, b]).fields) == [("d", "click"), ("e", "cost")]
+    c = RewardBins({("e", "cost"): FieldBins("quantile", (2.0,), 4)})
+    with pytest.raises(ValueError, match="domain 'e' field 'cost' has different bins"):
+        RewardBins.merge([b, c])

@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--add-bos", action="store_true", help="start every record with the BOS token")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines (counted and listed) "
                    "instead of stopping at the first")
-    p.add_argument("--reward-bins", default=None, help="use these reward bins (e.g. the training split's) "
-                   "instead of fitting them on the input")
+    p.add_argument("--reward-bins", nargs="+", default=None, help="use these reward bins (e.g. the training "
+                   "split's; several files are merged) instead of fitting them on the input")
     p.add_argument("--num-bins", type=int, default=DEFAULT_NUM_BINS, help="quantile bins per numeric reward field")
     p.add_argument("--obd-hash-chars", type=int, default=8, help="keep this many characters of OBD hashed features")
     p.add_argument("--no-progress", action="store_true")

@@ -54,7 +54,7 @@ class PreprocessConfig:
     append_eod: bool = False
     add_bos: bool = False             # start every record with the tokenizer's BOS (as Llama pre-training did)
     skip_bad_lines: bool = False
-    reward_bins: str | None = None    # load these bins instead of fitting on the input
+    reward_bins: str | list[str] | None = None  # load (and merge) these bins instead of fitting on the input
     num_bins: int = DEFAULT_NUM_BINS
     chunk_size: int = 256
     progress: bool = True
@@ -274,7 +274,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         raise PreprocessError(f"--append-eod: {config.tokenizer_model} has no EOS token")
     prefix = config.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    bins = RewardBins.load(config.reward_bins) if config.reward_bins else _fit_bins(paths, config)
+    bins = RewardBins.merge([RewardBins.load(p) for p in _bins_paths(config)]) if config.reward_bins \
+        else _fit_bins(paths, config)
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
     try:  # validates the labels (and BOS) before any worker starts
         encoder = RecordEncoder(tokenizer, bins, add_bos=config.add_bos)
@@ -339,6 +340,12 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     return summary
 
 
+def _bins_paths(config: PreprocessConfig) -> list[str]:
+    if not config.reward_bins:
+        return []
+    return [config.reward_bins] if isinstance(config.reward_bins, str) else list(config.reward_bins)
+
+
 def _progress(enabled: bool):
     if not enabled:
         return None
@@ -354,7 +361,7 @@ def _write_meta(path, config, paths, tokenizer, encoder, dtype, summary) -> None
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
         "dtype": dtype.name, "append_eod": config.append_eod, "add_bos": config.add_bos,
         "reward_bins": os.path.basename(prefix) + ".reward_bins.json",
-        "reward_bins_source": os.path.abspath(config.reward_bins) if config.reward_bins else "fitted on the input",
+        "reward_bins_source": [os.path.abspath(p) for p in _bins_paths(config)] or "fitted on the input",
         "reward_mask": os.path.basename(prefix) + MASK_SUFFIX,
         "reward_label_ids": {label: list(ids) for label, ids in zip(REWARD_LABELS, encoder.label_ids)},
         "inputs": [os.path.abspath(p) for p in paths],

@@ -113,6 +113,17 @@ class RewardBins:
     def num_classes(self, domain: str, field: str) -> int:
         return self.get(domain, field).num_classes
 
+    @classmethod
+    def merge(cls, parts: list["RewardBins"]) -> "RewardBins":
+        """Union of several bin sets (e.g. in-domain bins plus an out-of-domain task's own bins)."""
+        fields: dict[tuple[str, str], FieldBins] = {}
+        for part in parts:
+            for key, fb in part.fields.items():
+                if key in fields and (fields[key].kind, fields[key].edges) != (fb.kind, fb.edges):
+                    raise ValueError(f"domain '{key[0]}' field '{key[1]}' has different bins in two files")
+                fields[key] = fb
+        return cls(fields, parts[0].num_bins if parts else DEFAULT_NUM_BINS)
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT, "version": VERSION, "num_bins": self.num_bins,
