@@ -85,7 +85,7 @@ class PreprocessSummary:
                  f"  domains: " + ", ".join(f"{d}={n}" for d, n in sorted(self.domains.items())),
                  f"  bad lines skipped: {self.num_bad_lines}, blank lines: {self.blank_lines}"
                  + (f", UNKNOWN TOKENS: {self.unknown_tokens}" if self.unknown_tokens else "")]
-        lines += [f"    {b['where']}: {b['error']}" for b in self.bad_lines[:20]]
+        lines += [f"    {b['error']}" for b in self.bad_lines[:20]]  # each error starts with its file:line
         if self.num_bad_lines > 20:
             lines.append(f"    ... and {self.num_bad_lines - 20} more (listed in {self.output_prefix}.meta.json)")
         return "\n".join(lines)
