@@ -17,7 +17,8 @@ def _records():
     records = [parse_record(r, f"synthetic:{i}") for domain in config.domains
                for i, r in enumerate(generate(config, domain, "train"))]
     records += [
-        parse_record({"domain": "ads", "state": {"query": "<|r1|> is not a label", "x": "a;b=c\\", "emoji": "🙂 中文"},
+        parse_record({"domain": "ads", "state": {"query": "<|r1|> is not a label", "x": "a;b=c\\", "emoji": "🙂 中文",
+                                "ws": "  two  spaces\ttab  "},
                       "action": {"kw": "<|reward|>", "bid": 0.4}, "reward": {"click": 1, "cost": 3.25}}, "hand:1"),
         parse_record({"domain": "ads", "steps": [
             {"state": {"q": "r1|>"}, "action": {"kw": "<|r"}, "reward": {"click": 0, "cost": 0.1}},
@@ -35,9 +36,11 @@ def corpus(tmp_path_factory):
     texts = [serialize_text(r, bins.classify) for r in records]
     tmp = tmp_path_factory.mktemp("tok")
     with_symbols = train_tokenizer(texts, str(tmp / "sym.model"), vocab_size=400)
-    # Stands in for a Llama-2 tokenizer.model: no user-defined symbols, dummy prefix, byte fallback.
+    # Stands in for a Llama-2 tokenizer.model: no user-defined symbols, dummy prefix, byte fallback,
+    # identity normalization that keeps whitespace as is.
     plain = train_tokenizer(texts, str(tmp / "plain.model"), vocab_size=400, special_symbols=(),
-                            add_dummy_prefix=True, byte_fallback=True)
+                            add_dummy_prefix=True, byte_fallback=True, normalization_rule_name="identity",
+                            remove_extra_whitespaces=False)
     return {"records": records, "bins": bins, "sym": with_symbols, "plain": plain}
 
 
@@ -96,7 +99,7 @@ def test_plain_tokenizer_knows_no_symbols_and_falls_back_to_bytes(corpus):
     assert not any(tok.is_single_token(s) for s in SPECIAL_SYMBOLS)
     assert all(tok.piece_to_id(s) is None for s in SPECIAL_SYMBOLS)
     assert tok.piece_to_id("<0xF0>") is not None  # byte pieces exist
-    text = "unseen ☃ ∑ characters"
+    text = "unseen ☃ ∑  characters ﬁ"  # identity normalization: double space and ligature kept
     ids = tok.encode(text)
     assert tok.unk_id not in ids and tok.decode(ids) == text
     encoder = RecordEncoder(tok, corpus["bins"])
