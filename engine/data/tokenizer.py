@@ -90,7 +90,8 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int = 800
                     num_threads: int = 1, input_sentence_size: int = 0, **trainer_options) -> Tokenizer:
     """Train a SentencePiece model in-process on ``texts`` and write it atomically to ``model_path``.
 
-    Defaults follow Llama (BPE, byte fallback, split digits, unk=0 bos=1 eos=2, no pad) except
+    Defaults follow Llama (BPE, byte fallback, split digits, identity normalization keeping whitespace
+    as is, so decoding gives back the serialized text exactly; unk=0 bos=1 eos=2, no pad) except
     ``add_dummy_prefix``: off, so a user-defined label encodes to exactly one token. Other
     SentencePiece trainer options (e.g. ``normalization_rule_name``) pass through ``trainer_options``.
     """
@@ -101,7 +102,8 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int = 800
         add_dummy_prefix=add_dummy_prefix, split_digits=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=num_threads,
         input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
-        max_sentence_length=1 << 16, minloglevel=2, **trainer_options)
+        max_sentence_length=1 << 16, minloglevel=2,
+        **{"normalization_rule_name": "identity", "remove_extra_whitespaces": False, **trainer_options})
     tmp = f"{model_path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
         fh.write(buffer.getvalue())
