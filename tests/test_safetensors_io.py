@@ -53,6 +53,34 @@ def test_read_rows_reads_a_slice_of_dimension_0_of_a_library_file(tmp_path):
         sio.read_rows(path, infos["v"], 2, 1)
 
 
+def test_writer_fills_a_tensor_by_row_blocks_in_any_order(tmp_path):
+    m, v = torch.randn(7, 3).to(torch.bfloat16), torch.arange(5)
+    path = tmp_path / "rows.safetensors"
+    with sio.SafetensorsWriter(path, {"v": (v.dtype, (5,)), "m": (m.dtype, (7, 3))}) as w:
+        w.write_rows("m", 4, m[4:])
+        w.write("v", v)
+        w.write_rows("m", 0, m[:2])
+        w.write_rows("m", 2, m[2:4])
+    back = load_file(path)
+    assert torch.equal(back["m"], m) and torch.equal(back["v"], v)
+
+    with pytest.raises(ValueError, match=r"rows 1:3 of tensor 'm' written twice"):
+        with sio.SafetensorsWriter(path, {"m": (m.dtype, (7, 3))}) as w:
+            w.write_rows("m", 0, m[:2])
+            w.write_rows("m", 1, m[1:3])
+    assert not path.exists()
+    with pytest.raises(ValueError, match=r"rows 6:8 of tensor 'm' given as torch.bfloat16\[2, 3\], declared"):
+        with sio.SafetensorsWriter(path, {"m": (m.dtype, (7, 3))}) as w:
+            w.write_rows("m", 6, m[:2])
+    with pytest.raises(ValueError, match=r"given as torch.float32\[2, 3\]"):
+        with sio.SafetensorsWriter(path, {"m": (m.dtype, (7, 3))}) as w:
+            w.write_rows("m", 0, m[:2].float())
+    with pytest.raises(ValueError, match=r"never written: \['m'\]"):
+        with sio.SafetensorsWriter(path, {"m": (m.dtype, (7, 3))}) as w:
+            w.write_rows("m", 0, m[:6])
+    assert not path.exists()
+
+
 def test_streamed_writer_refuses_bad_tensors_and_removes_incomplete_files(tmp_path):
     path = tmp_path / "x.safetensors"
     specs = {"w": (torch.float32, (2, 2)), "v": (torch.float32, (3,))}

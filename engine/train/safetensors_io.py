@@ -140,6 +140,7 @@ class SafetensorsWriter:
         self._base = 8 + len(raw)
         self.nbytes = offset
         self._pending = set(self._slots)
+        self._row_ranges: dict[str, list[tuple[int, int]]] = {}  # tensors written in row blocks so far
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(raw)) + raw)
 
@@ -157,6 +158,28 @@ class SafetensorsWriter:
         for i in range(0, len(data), _CHUNK):
             self._file.write(data[i:i + _CHUNK])
         self._pending.discard(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start : start + len(rows)`` (dimension 0) of a declared tensor; the tensor
+        counts as written once its blocks cover every row, each exactly once."""
+        if name not in self._slots:
+            raise ValueError(f"{self.path}: tensor {name!r} was not declared for this file")
+        dtype, shape, offset = self._slots[name]
+        stop = start + (rows.shape[0] if rows.dim() else 0)
+        if rows.dtype != dtype or not shape or tuple(rows.shape[1:]) != shape[1:] or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{self.path}: rows {start}:{stop} of tensor {name!r} given as "
+                             f"{rows.dtype}{list(rows.shape)}, declared {dtype}{list(shape)}")
+        done = self._row_ranges.setdefault(name, [])
+        if name not in self._pending or any(a < stop and start < b for a, b in done):
+            raise ValueError(f"{self.path}: rows {start}:{stop} of tensor {name!r} written twice")
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        data = memoryview(rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(self._base + offset + start * row_bytes)
+        for i in range(0, len(data), _CHUNK):
+            self._file.write(data[i:i + _CHUNK])
+        done.append((start, stop))
+        if sum(b - a for a, b in done) == shape[0]:
+            self._pending.discard(name)
 
     def close(self) -> None:
         if self._pending:
