@@ -176,7 +176,7 @@ def test_import_dtype_cast_and_tokenizer_dir_option(hf_dirs, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").exists() and not (tmp_path / "out" / "tokenizer.model").exists()
 
 
-def test_import_reads_column_and_vocabulary_shards_alone(hf_dirs, tmp_path, monkeypatch):
+def test_import_and_export_handle_column_and_vocabulary_shards_alone(hf_dirs, tmp_path, monkeypatch):
     """Peak memory near one shard: dimension-0 slices are read from the file without the whole tensor
     (row-parallel tensors, at most an MLP matrix, are read whole and sliced)."""
     reads = []
@@ -195,9 +195,22 @@ def test_import_reads_column_and_vocabulary_shards_alone(hf_dirs, tmp_path, monk
     largest_row_parallel = max(torch.Size(s).numel() for n, s in shapes.items() if n.endswith(("o_proj.weight",
                                                                                                "down_proj.weight")))
     assert max(reads) <= max(largest_shard, largest_row_parallel) < torch.Size(shapes["embed_tokens.weight"]).numel()
+    # Export writes those shards at their rows of the output tensor without reassembling it: only
+    # replicated and row-parallel tensors are reassembled whole.
+    reassembled = []
+    real_full = ck.read_full_tensor
+
+    def recording_full(ckpt, name):
+        reassembled.append(name)
+        return real_full(ckpt, name)
+    monkeypatch.setattr(sharded, "read_full_tensor", recording_full)
+    sharded.export_hf(tmp_path / "ck", tmp_path / "out", progress=False)
+    assert reassembled and all(ck.tp_shard_dim(n) != 0 for n in reassembled), reassembled
     monkeypatch.undo()
     original = hf_tensors(src)
     assert_rank_files_match_slicing(tmp_path / "ck", original, json.loads((src / "config.json").read_text()), 2, 2)
+    exported = hf_tensors(tmp_path / "out")
+    assert set(exported) == set(original) and all(torch.equal(exported[n], t) for n, t in original.items())
 
 
 def test_exported_directory_imports_again_to_identical_rank_files(hf_dirs, tmp_path):

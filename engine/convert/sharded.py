@@ -232,6 +232,23 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
 
 
 # ------------------------------------------------------------------------------------------ export
+def _write_full_tensor(writer: SafetensorsWriter, hf_name: str, ckpt, name: str, dtype: torch.dtype) -> None:
+    """Write the full, unpadded parameter ``name``. TP shards along dimension 0 (column-parallel and
+    vocabulary rows) are written one by one at their rows, so memory holds one shard; other tensors
+    are reassembled whole first (at most an MLP matrix)."""
+    if tp_shard_dim(name) != 0 or ckpt.tp == 1:
+        writer.write(hf_name, read_full_tensor(ckpt, name).to(dtype))
+        return
+    rows, start = ckpt.full_shape(name)[0], 0
+    for t in range(ckpt.tp):
+        shard = ckpt.read_shard(t, ckpt.source_stage(name), name)
+        kept = min(shard.shape[0], rows - start)  # the vocabulary padding is dropped
+        if kept > 0:
+            writer.write_rows(hf_name, start, shard[:kept].to(dtype))
+        start += shard.shape[0]
+        del shard
+
+
 def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int | None = None,
               max_shard_size: str | int = "5GB", tokenizer_dir: str | os.PathLike | None = None,
               dtype: str | torch.dtype | None = None, progress: bool = True, force: bool = False) -> Path:
@@ -275,7 +292,7 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
                 specs = {engine_to_hf_name(n): (out_dtype[n], ckpt.full_shape(n)) for n in shard}
                 with SafetensorsWriter(staging / file, specs, {"format": "pt"}) as w:
                     for n in shard:
-                        w.write(engine_to_hf_name(n), read_full_tensor(ckpt, n).to(out_dtype[n]))
+                        _write_full_tensor(w, engine_to_hf_name(n), ckpt, n, out_dtype[n])
                         weight_map[engine_to_hf_name(n)] = file
                         bar.update(nbytes[n])
         if len(files) > 1:
