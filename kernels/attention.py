@@ -355,8 +355,9 @@ class AttentionBlocks:
 # (block_m, block_n, warps, stages) candidates for CUDA with 16-bit inputs, by head_dim class; the
 # first entry of each list is the default used without tuning. Forward tiles follow the usual Hopper
 # choice (128 queries x 64 keys); the dK/dV pass keeps two [block_n, head_dim] fp32 accumulators in
-# registers, hence 8 warps for 128-key tiles. Every entry compiles for sm_90 without register spills
-# (ptxas resource usage, bf16 and fp16, causal and not).
+# registers, hence 8 warps for 128-key tiles. Every entry compiles for sm_90, but with Triton 3.9's
+# bundled ptxas most of them hit 255 registers and spill (benchmarks/results/kernels.md lists the
+# stack bytes per entry); the tuner has to pick among them on the GPU.
 _FWD_CANDIDATES = {
     64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
