@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels._utils import interpreting
 from kernels.attention import (
     _DKDV_CANDIDATES,
     _DQ_CANDIDATES,
@@ -24,6 +25,11 @@ from kernels.attention import (
     default_blocks,
     flash_attention,
 )
+
+# These tests give the kernels CPU tensors, which only Triton's interpreter runs. tests/conftest.py turns
+# it on only where there is no CUDA; on a GPU machine run them as: CUDA_VISIBLE_DEVICES= pytest <file>
+INTERPRETER_ONLY = pytest.mark.skipif(
+    not interpreting(), reason="CPU tensors need the Triton interpreter: run with CUDA_VISIBLE_DEVICES=")
 
 # Max error allowed, relative to max(1, largest reference magnitude), per input dtype.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3}
@@ -84,6 +90,7 @@ CASES = [
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim,causal,dtype", CASES,
                          ids=[f"b{c[0]}-s{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}-{'causal' if c[5] else 'full'}-"
                               f"{str(c[6])[6:]}" for c in CASES])
@@ -92,6 +99,7 @@ def test_forward_and_gradients_match_reference(batch, seq, heads, kv_heads, head
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("seq,causal,dtype", [(50, True, torch.float32), (33, False, torch.float16),
                                               (7, True, torch.float16)])
 def test_wide_tiles_match_reference(seq, causal, dtype):
@@ -100,12 +108,14 @@ def test_wide_tiles_match_reference(seq, causal, dtype):
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("causal", [True, False])
 def test_custom_softmax_scale(causal):
     _check_against_reference(1, 33, 2, 1, 16, causal, torch.float32, softmax_scale=0.37)
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("causal", [True, False])
 def test_saved_log_sum_exp(causal):
     """The saved statistic is the base-2 log-sum-exp of the scaled scores, per (batch, head, row)."""
@@ -121,6 +131,7 @@ def test_saved_log_sum_exp(causal):
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 def test_backward_is_deterministic():
     q, k, v = _inputs(1, 50, 8, 2, 16, torch.float32, seed=3)
     dout = torch.randn(1, 50, 8, 16, generator=torch.Generator().manual_seed(4))
@@ -131,6 +142,7 @@ def test_backward_is_deterministic():
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 def test_forward_without_autograd():
     q, k, v = _inputs(1, 33, 4, 2, 32, torch.float16)
     want = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), True)
@@ -144,6 +156,7 @@ def test_forward_without_autograd():
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 def test_causal_never_visits_key_tiles_above_the_diagonal():
     """A NaN in V at key 40 (tile 2) poisons any query tile that loads tile 2, masked or not
     (0 * NaN); query tiles 0 and 1 must stay finite, and so must their dQ. A NaN in Q at row 10
@@ -164,6 +177,7 @@ def test_causal_never_visits_key_tiles_above_the_diagonal():
 
 
 @pytest.mark.triton
+@INTERPRETER_ONLY
 def test_strided_views_of_a_fused_projection():
     """q, k, v sliced out of one [batch, seq, (heads + 2 * kv_heads) * head_dim] tensor, and a
     [batch, heads, seq, head_dim] tensor seen as [batch, seq, heads, head_dim]: strides honoured,
