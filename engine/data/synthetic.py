@@ -12,8 +12,9 @@ item's category) is shared by every domain. Each domain adds its own terms:
   click ~ Bernoulli(sigmoid(-1.0 + 1.0 aff + 0.5 clicks_so_far - 0.3 t)), clicks_so_far in the state
 
 Every record carries its exact reward distribution in ``meta.reward_dist`` (never serialized; for
-an episode, a list with one entry per step), so ``bayes_ceiling`` gives the best accuracy / AUC / log-loss any model can reach on a split once the
-reward bins are known. Everything is a deterministic function of the seed.
+an episode, a list with one entry per step), so ``bayes_ceiling`` gives the best accuracy / AUC /
+log-loss any model can reach on a split once the reward bins are known. Everything is a
+deterministic function of the seed.
 """
 from __future__ import annotations
 
