@@ -45,7 +45,9 @@ def main() -> None:
     logs = os.path.join(args.workdir, f"logs_{per_domain}")
     if not os.path.exists(os.path.join(logs, "manifest.json")):
         t = time.perf_counter()
-        write_logs(SyntheticConfig(seed=0, train_per_domain=per_domain, valid_per_domain=0, test_per_domain=0), logs)
+        config = SyntheticConfig(seed=0, train_per_domain=per_domain, valid_per_domain=0, test_per_domain=0,
+                                 domains=tuple(DOMAIN_REWARDS))  # every domain, episodes included
+        write_logs(config, logs)
         print(f"generated {per_domain * len(DOMAIN_REWARDS)} records in {time.perf_counter() - t:.1f} s")
     model = os.path.join(args.workdir, f"tok{args.vocab_size}.model")
     if not os.path.exists(model):

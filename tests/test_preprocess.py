@@ -13,7 +13,7 @@ from engine.data.obd import iter_obd_rows
 from engine.data.preprocess import PreprocessConfig, PreprocessError, open_preprocessed, preprocess
 from engine.data.reward_bins import RewardBins
 from engine.data.sar import parse_json_line, parse_record, serialize_text
-from engine.data.synthetic import SyntheticConfig, write_logs
+from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, write_logs
 from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,8 @@ OUTPUTS = (".bin", ".idx", "_reward_mask.bin", "_reward_mask.idx", ".reward_bins
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
-    write_logs(SyntheticConfig(seed=4, train_per_domain=150, valid_per_domain=40, test_per_domain=0), str(root / "syn"))
+    write_logs(SyntheticConfig(seed=4, train_per_domain=150, valid_per_domain=40, test_per_domain=0,
+                               domains=tuple(DOMAIN_REWARDS)), str(root / "syn"))  # feed/session: episodes
     episodes = root / "episodes.jsonl"
     episodes.write_text("\n".join(json.dumps(r) for r in [
         {"domain": "game", "steps": [{"state": {"hp": i}, "action": {"move": "left"}, "reward": {"score": i * 1.5}}

@@ -166,7 +166,7 @@ def test_write_logs_layout_manifest_and_ood(tmp_path):
     manifest = write_logs(config, str(tmp_path / "a"))
     write_logs(config, str(tmp_path / "b"))
     assert manifest["out_of_domain"] == ["shop/purchase"]
-    assert set(manifest["in_domain"]) == {"ads/ctr", "ads/cpc", "ads/impressions", "feed/session"}
+    assert set(manifest["in_domain"]) == {"ads/ctr", "ads/cpc", "ads/impressions"}  # feed/session is opt-in
     for split, files in manifest["files"].items():
         for domain, rel in files.items():
             a, b = (tmp_path / "a" / rel).read_bytes(), (tmp_path / "b" / rel).read_bytes()
@@ -174,6 +174,9 @@ def test_write_logs_layout_manifest_and_ood(tmp_path):
             lines = a.decode().splitlines()
             assert len(lines) == config.count(split)
             assert all(parse_json_line(line, f"{rel}:{i + 1}").domain == domain for i, line in enumerate(lines))
-    assert set(manifest["bayes_ceiling"]["test"]) == {f"{d}/{f}" for d, (f, _) in DOMAIN_REWARDS.items()}
+    assert set(manifest["bayes_ceiling"]["test"]) == {f"{d}/{DOMAIN_REWARDS[d][0]}" for d in config.domains}
+    with_sessions = SyntheticConfig(seed=2, train_per_domain=30, valid_per_domain=10, test_per_domain=10,
+                                    domains=config.domains + ("feed/session",))
+    assert "feed/session" in write_logs(with_sessions, str(tmp_path / "c"))["in_domain"]
     assert not [p for p in os.listdir(tmp_path / "a" / "train") if "tmp" in p]
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]["seed"] == 2

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, write_logs  # noqa: E402
+from engine.data.synthetic import DEFAULT_DOMAINS, DOMAIN_REWARDS, SyntheticConfig, write_logs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=4000, help="training records per domain")
     p.add_argument("--valid", type=int, default=500, help="validation records per domain")
     p.add_argument("--test", type=int, default=500, help="test records per domain")
-    p.add_argument("--domains", nargs="+", default=list(DOMAIN_REWARDS), choices=list(DOMAIN_REWARDS))
+    p.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS), choices=list(DOMAIN_REWARDS),
+                   help="feed/session (episodes) is available but not in the default set")
     p.add_argument("--ood-domains", nargs="*", default=["shop/purchase"], choices=list(DOMAIN_REWARDS))
     args = p.parse_args(argv)
     config = SyntheticConfig(seed=args.seed, train_per_domain=args.train, valid_per_domain=args.valid,

@@ -8,8 +8,9 @@ item's category) is shared by every domain. Each domain adds its own terms:
 - ``ads/cpc`` (in-domain): cost ~ LogNormal(mu = -0.5 + 0.4 aff + 0.7 log bid + price-tier term, 0.6)
 - ``ads/impressions`` (in-domain): impressions ~ Poisson(exp(0.5 + 0.5 aff + 0.4 log(budget/20) + hour term))
 - ``shop/purchase`` (out-of-domain): purchase ~ Bernoulli(sigmoid(-2 + 1.0 aff + 0.04 discount + season x category))
-- ``feed/session`` (in-domain, episodes): one user shown 2-5 items in turn; at step t,
-  click ~ Bernoulli(sigmoid(-1.0 + 1.0 aff + 0.5 clicks_so_far - 0.3 t)), clicks_so_far in the state
+- ``feed/session`` (episodes; opt-in through ``SyntheticConfig.domains``): one user shown 2-5 items
+  in turn; at step t, click ~ Bernoulli(sigmoid(-1.0 + 1.0 aff + 0.5 clicks_so_far - 0.3 t)),
+  clicks_so_far in the state
 
 Every record carries its exact reward distribution in ``meta.reward_dist`` (never serialized; for
 an episode, a list with one entry per step), so ``bayes_ceiling`` gives the best accuracy / AUC /
@@ -42,6 +43,7 @@ ITEM_FEATURES = {"category": CATEGORIES, "brand": BRANDS, "price_tier": PRICE_TI
 DOMAIN_REWARDS = {"ads/ctr": ("click", "bernoulli"), "ads/cpc": ("cost", "lognormal"),
                   "ads/impressions": ("impressions", "poisson"), "shop/purchase": ("purchase", "bernoulli"),
                   "feed/session": ("click", "bernoulli")}
+DEFAULT_DOMAINS = ("ads/ctr", "ads/cpc", "ads/impressions", "shop/purchase")
 SPLITS = ("train", "valid", "test")
 
 
@@ -51,7 +53,7 @@ class SyntheticConfig:
     train_per_domain: int = 4000
     valid_per_domain: int = 500
     test_per_domain: int = 500
-    domains: tuple[str, ...] = tuple(DOMAIN_REWARDS)
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
     ood_domains: tuple[str, ...] = ("shop/purchase",)
     latent_dim: int = 8
 
