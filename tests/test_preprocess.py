@@ -288,3 +288,18 @@ def test_failure_after_the_indexes_are_written_publishes_nothing(env, tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         run(env, [env["episodes"]], tmp_path / "data", workers=2)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_dying_worker_fails_the_run_instead_of_hanging(env, tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import engine.data.preprocess as pre
+
+    def die(self, chunk):
+        os._exit(3)  # what a segfault in a worker looks like to the pool
+
+    monkeypatch.setattr(pre.ChunkEncoder, "__call__", die)  # forked workers inherit the patch
+    with pytest.raises(BrokenProcessPool):
+        run(env, [env["episodes"]], tmp_path / "data", workers=2)
+    assert os.listdir(tmp_path) == []
