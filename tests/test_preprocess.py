@@ -303,3 +303,14 @@ def test_a_dying_worker_fails_the_run_instead_of_hanging(env, tmp_path, monkeypa
     with pytest.raises(BrokenProcessPool):
         run(env, [env["episodes"]], tmp_path / "data", workers=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_append_eod_needs_an_eos_token(env, tmp_path):
+    texts = [line for line in open(env["episodes"]).read().splitlines() if line]
+    no_eos = train_tokenizer(texts, str(tmp_path / "noeos.model"), vocab_size=400, eos_id=-1)
+    assert no_eos.eos_id is None and no_eos.bos_id == 1
+    config = PreprocessConfig(inputs=[env["episodes"]], output_prefix=str(tmp_path / "d"),
+                              tokenizer_model=no_eos.model_path, append_eod=True, progress=False)
+    with pytest.raises(PreprocessError, match="no EOS token"):
+        preprocess(config)
+    assert not os.path.exists(tmp_path / "d.idx")

@@ -95,15 +95,16 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int = 800
     ``add_dummy_prefix``: off, so a user-defined label encodes to exactly one token. Other
     SentencePiece trainer options (e.g. ``normalization_rule_name``) pass through ``trainer_options``.
     """
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size,
-        model_type=model_type, user_defined_symbols=list(special_symbols), byte_fallback=byte_fallback,
-        add_dummy_prefix=add_dummy_prefix, split_digits=True, character_coverage=1.0,
+    options = dict(
+        vocab_size=vocab_size, model_type=model_type, user_defined_symbols=list(special_symbols),
+        byte_fallback=byte_fallback, add_dummy_prefix=add_dummy_prefix, split_digits=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=num_threads,
         input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
-        max_sentence_length=1 << 16, minloglevel=2,
-        **{"normalization_rule_name": "identity", "remove_extra_whitespaces": False, **trainer_options})
+        max_sentence_length=1 << 16, minloglevel=2)
+    options.update(trainer_options)
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.Train(sentence_iterator=iter(texts), model_writer=buffer, **options)
     tmp = f"{model_path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
         fh.write(buffer.getvalue())
