@@ -10,9 +10,9 @@ import pytest
 
 from engine.data.indexed import IndexedDataset
 from engine.data.obd import iter_obd_rows
-from engine.data.preprocess import PreprocessConfig, PreprocessError, open_preprocessed, preprocess
+from engine.data.preprocess import PreprocessConfig, PreprocessError, open_preprocessed, preprocess, read_records
 from engine.data.reward_bins import RewardBins
-from engine.data.sar import parse_json_line, parse_record, serialize_text
+from engine.data.sar import RecordError, parse_json_line, parse_record, serialize_text
 from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, write_logs
 from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
 
@@ -314,3 +314,13 @@ def test_append_eod_needs_an_eos_token(env, tmp_path):
     with pytest.raises(PreprocessError, match="no EOS token"):
         preprocess(config)
     assert not os.path.exists(tmp_path / "d.idx")
+
+
+def test_read_records_in_order_with_file_line(env, tmp_path, obd_subset):
+    path, total = write_with_bad_line(env, tmp_path)
+    with pytest.raises(RecordError, match=r"bad.jsonl:5: field 'reward.click'"):
+        list(read_records([path]))
+    kept = list(read_records([path, str(obd_subset / "bts" / "men")], skip_bad_lines=True))
+    assert len(kept) == total - 2 + 120
+    assert [r.where for r in kept[:5]] == [f"{path}:{i}" for i in (1, 2, 3, 4, 6)]
+    assert kept[-1].where == f"{obd_subset}/bts/men/men.csv:121" and kept[-1].domain == "obd/bts/men"

@@ -33,7 +33,7 @@ import numpy as np
 from engine.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from engine.data.obd import ObdOptions, is_obd_log, iter_obd_rows
 from engine.data.reward_bins import DEFAULT_NUM_BINS, RewardBins
-from engine.data.sar import REWARD_LABELS, RecordError, parse_json_line, parse_record, serialize_text
+from engine.data.sar import REWARD_LABELS, RecordError, SARRecord, parse_json_line, parse_record, serialize_text
 from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
 
 META_FORMAT = "ltu-sar-dataset"
@@ -134,6 +134,20 @@ def iter_items(paths: list[str], obd: ObdOptions, blank_counter: list[int]) -> I
                     blank_counter[0] += 1
                     continue
                 yield where, line
+
+
+def read_records(inputs: Iterable[str], skip_bad_lines: bool = False,
+                 obd: ObdOptions = ObdOptions()) -> Iterator[SARRecord]:
+    """Validated records of JSON Lines / OBD inputs in order (for evaluation and tools).
+
+    A bad line raises RecordError naming file:line, or is skipped when ``skip_bad_lines``.
+    """
+    for where, payload in iter_items(expand_inputs(inputs), obd, [0]):
+        try:
+            yield _parse(where, payload)
+        except RecordError:
+            if not skip_bad_lines:
+                raise
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -401,14 +415,13 @@ def train_tokenizer_on_logs(inputs: list[str], model_path: str, vocab_size: int 
     which label a record gets does not change the learned pieces).
     """
     records = []
-    for where, payload in iter_items(expand_inputs(inputs), obd, [0]):
-        try:
-            records.append(_parse(where, payload))
-        except RecordError as exc:
-            if not skip_bad_lines:
-                raise PreprocessError(f"{exc} (use --skip-bad-lines to skip such lines)") from None
-        if len(records) >= max_records:
-            break
+    try:
+        for record in read_records(inputs, skip_bad_lines, obd):
+            records.append(record)
+            if len(records) >= max_records:
+                break
+    except RecordError as exc:
+        raise PreprocessError(f"{exc} (use --skip-bad-lines to skip such lines)") from None
     if not records:
         raise PreprocessError("no valid records to train a tokenizer on")
     bins = RewardBins.fit_records(records)
