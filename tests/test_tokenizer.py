@@ -1,5 +1,6 @@
 """Reward spans are exact for a trained tokenizer (labels as symbols) and for one with no symbols at all."""
 import itertools
+import os
 import pickle
 
 import numpy as np
@@ -161,3 +162,11 @@ def test_add_bos_shifts_spans(corpus):
     plain, with_bos = RecordEncoder(tok, bins).encode(record), RecordEncoder(tok, bins, add_bos=True).encode(record)
     assert with_bos.tokens[0] == tok.bos_id and with_bos.tokens[1:].tolist() == plain.tokens.tolist()
     assert [(s.start - 1, s.end - 1) for s in with_bos.spans] == [(s.start, s.end) for s in plain.spans]
+
+
+def test_training_creates_the_model_directory(corpus, tmp_path):
+    texts = [serialize_text(r, corpus["bins"].classify) for r in corpus["records"][:50]]
+    path = tmp_path / "not" / "yet" / "tok.model"
+    tok = train_tokenizer(texts, str(path), vocab_size=400)
+    assert path.is_file() and tok.is_single_token("<|reward|>")
+    assert os.listdir(path.parent) == ["tok.model"]  # no temporary left beside it

@@ -103,12 +103,19 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int = 800
         input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
         max_sentence_length=1 << 16, minloglevel=2)
     options.update(trainer_options)
+    # Create the destination folder first: training can take minutes and must not fail at the end.
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.Train(sentence_iterator=iter(texts), model_writer=buffer, **options)
     tmp = f"{model_path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(buffer.getvalue())
-    os.replace(tmp, model_path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getvalue())
+        os.replace(tmp, model_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return Tokenizer(model_path)
 
 
