@@ -145,10 +145,11 @@ py::array_t<i64> sample_boundaries(const I64Array& order, const I64Array& docume
                             std::to_string(c));
         REQUIRE(!__builtin_add_overflow(total, c, &total), "total token count overflows int64");
     }
-    REQUIRE(total >= seq_length + 1,
+    // total - 1 >= seq_length rather than total >= seq_length + 1: the latter overflows int64.
+    REQUIRE(total - 1 >= seq_length,
             "the document order holds " + std::to_string(total) +
                 " tokens, fewer than one sample of seq_length + 1 = " +
-                std::to_string(seq_length + 1));
+                std::to_string(static_cast<u64>(seq_length) + 1));
     const i64 num_samples = (total - 1) / seq_length;
     auto out = new_array({num_samples + 1, 2});
     i64* o = out.mutable_data();

@@ -255,6 +255,11 @@ def test_bad_inputs_raise_clear_errors():
         _C.sample_boundaries(np.array([0]), np.array([-5]), 1)
     with pytest.raises(ValueError, match="empty"):
         _C.document_order(np.array([], dtype=np.int64), 3, 1, 0)
+    # seq_length + 1 does not fit int64: still "fewer than one sample", not an empty dataset.
+    with pytest.raises(ValueError, match="fewer than one sample"):
+        _C.sample_boundaries(np.array([0, 1]), np.array([5, 6]), 2 ** 63 - 1)
+    with pytest.raises(ValueError, match="fewer than one sample"):
+        GPTSampleDataset(fake, 2 ** 63 - 1, seed=1)
 
 
 # ---------------------------------------------------------------------------------------------
