@@ -17,7 +17,10 @@ from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, write_logs
 from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OBD = "/work/shared/data/obd"
+# The OBD sample lives in shared/ beside the checkout (as README's ../shared/data/obd), wherever
+# the checkout is (CI clones elsewhere); /work/shared is the development machines' copy.
+OBD = next((p for p in (os.path.join(os.path.dirname(REPO), "shared", "data", "obd"), "/work/shared/data/obd")
+            if os.path.isdir(p)), "/work/shared/data/obd")
 OUTPUTS = (".bin", ".idx", "_reward_mask.bin", "_reward_mask.idx", ".reward_bins.json", ".meta.json")
 
 
