@@ -222,9 +222,12 @@ def test_index_errors(tmp_path):
     build_with_add_item(prefix, [[[1, 2, 3]], [[4]]], np.uint16)
     ds = IndexedDataset(prefix)
     assert ds[np.int64(-2)].tolist() == [1, 2, 3]
-    for bad in (2, -3, 10 ** 12):
+    for bad in (2, -3, 10 ** 12, 2 ** 70, -(2 ** 70)):
         with pytest.raises(IndexError, match="out of range"):
             ds[bad]
+    for args in ((2 ** 64,), (0, 2 ** 63), (0, 0, 2 ** 63), (0, 0, -(2 ** 64))):
+        with pytest.raises(IndexError):
+            ds.get(*args)
     with pytest.raises(IndexError):
         ds.get(0, 4)
     with pytest.raises(IndexError):

@@ -96,12 +96,12 @@ class IndexedDataset:
             position = operator.index(index)
         except TypeError:
             raise TypeError(f"IndexedDataset indices must be integers or slices, not {type(index).__name__}") from None
-        return self._reader.get(position)
+        return self._reader.get(_int64("sequence index", position))
 
     def get(self, index: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``index`` (to its end when length is None)."""
-        return self._reader.get(operator.index(index), operator.index(offset),
-                                None if length is None else operator.index(length))
+        return self._reader.get(_int64("sequence index", index), _int64("offset", offset),
+                                None if length is None else _int64("length", length))
 
     @property
     def sequence_lengths(self) -> np.ndarray:
@@ -143,6 +143,14 @@ class IndexedDataset:
     def __repr__(self) -> str:
         return (f"IndexedDataset({self._prefix!r}, sequences={len(self)}, documents={self.num_documents}, "
                 f"tokens={self.num_tokens}, dtype={self.dtype})")
+
+
+def _int64(what: str, value: Any) -> int:
+    """An index argument as a Python int; one beyond int64 is out of range like any other."""
+    value = operator.index(value)
+    if not -(2 ** 63) <= value < 2 ** 63:
+        raise IndexError(f"{what} {value} out of range")
+    return value
 
 
 def _token_array(tokens: Any, dtype: np.dtype) -> np.ndarray:
