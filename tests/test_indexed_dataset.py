@@ -255,6 +255,25 @@ def test_pickle_round_trip_reopens(tmp_path):
     assert_dataset_equals(clone, documents)
 
 
+def test_megatron_call_signatures(tmp_path):
+    """Calls as Megatron-LM's tools write them work unchanged; multimodal ones are refused by name."""
+    prefix = str(tmp_path / "m")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16, multimodal=False)
+    builder.add_item(torch.IntTensor([1, 2]), 0)
+    builder.add_item(torch.IntTensor([3]), mode=0)
+    builder.end_document()
+    builder.add_document(torch.IntTensor([4, 5, 6]), [1, 2], modes=None)
+    with pytest.raises(NotImplementedError, match="mode 1"):
+        builder.add_item([7], mode=1)
+    builder.finalize(prefix + ".idx")
+    ds = IndexedDataset(prefix)
+    assert ds.get_document_indices().tolist() == ds.document_indices.tolist() == [0, 2, 4]
+    assert [s.tolist() for s in ds[:]] == [[1, 2], [3], [4], [5, 6]]
+    with pytest.raises(NotImplementedError, match="multimodal"):
+        IndexedDatasetBuilder(str(tmp_path / "mm.bin"), np.uint16, multimodal=True)
+    assert sorted(os.listdir(tmp_path)) == ["m.bin", "m.idx"]  # the refused builder left nothing
+
+
 def test_dtype_helpers():
     assert best_dtype(32000) is np.uint16 and best_dtype(65499) is np.uint16
     assert best_dtype(65500) is np.int32 and best_dtype(128256) is np.int32 and best_dtype(None) is np.int32

@@ -118,6 +118,10 @@ class IndexedDataset:
         """int64 sequence boundaries of the documents: 0, then each document's exclusive end."""
         return self._reader.document_indices
 
+    def get_document_indices(self) -> np.ndarray:
+        """Megatron-LM's accessor name for :attr:`document_indices`."""
+        return self._reader.document_indices
+
     @property
     def dtype(self) -> np.dtype:
         return self._reader.dtype
@@ -201,7 +205,9 @@ class IndexedDatasetBuilder:
     the .bin. Token ids that the dtype cannot hold exactly are refused before anything is written.
     """
 
-    def __init__(self, bin_path: str | os.PathLike, dtype: Any = np.int32):
+    def __init__(self, bin_path: str | os.PathLike, dtype: Any = np.int32, multimodal: bool = False):
+        if multimodal:
+            raise NotImplementedError("multimodal datasets (sequence modes) are not supported")
         self._dtype = np.dtype(dtype)
         if self._dtype not in DTYPE_CODES:
             raise ValueError(f"unsupported token dtype {self._dtype}; supported: "
@@ -221,8 +227,13 @@ class IndexedDatasetBuilder:
     def num_documents(self) -> int:
         return self._writer.num_documents
 
-    def add_item(self, tokens: Any) -> None:
-        """Appends one sequence (list, numpy array or torch tensor of token ids)."""
+    def add_item(self, tokens: Any, mode: int = 0) -> None:
+        """Appends one sequence (list, numpy array or torch tensor of token ids).
+
+        ``mode`` is Megatron-LM's multimodal sequence mode: only the text mode 0 is supported.
+        """
+        if mode != 0:
+            raise NotImplementedError(f"multimodal sequence mode {mode} is not supported (only 0)")
         self._writer.add_item(_token_array(tokens, self._dtype))
 
     def end_document(self) -> None:
