@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.data.preprocess import PreprocessConfig, preprocess, train_tokenizer_on_logs  # noqa: E402
 from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, write_logs  # noqa: E402
+from engine.data.tokenizer import Tokenizer  # noqa: E402
 
 
 def _children_cpu() -> float:
@@ -53,7 +54,9 @@ def main() -> None:
     if not os.path.exists(model):
         t = time.perf_counter()
         train_tokenizer_on_logs([os.path.join(logs, "train")], model, vocab_size=args.vocab_size, max_records=20000)
-        print(f"trained tokenizer (vocab {args.vocab_size}) in {time.perf_counter() - t:.1f} s")
+        print(f"trained tokenizer in {time.perf_counter() - t:.1f} s")
+    # SentencePiece may stop below the requested size (no hard limit): report what was built.
+    print(f"tokenizer {model}: {Tokenizer(model).vocab_size} pieces (requested {args.vocab_size})")
 
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs visible")
     print(f"best and median of {args.repeat} runs")
