@@ -327,3 +327,18 @@ def test_read_records_in_order_with_file_line(env, tmp_path, obd_subset):
     assert len(kept) == total - 2 + 120
     assert [r.where for r in kept[:5]] == [f"{path}:{i}" for i in (1, 2, 3, 4, 6)]
     assert kept[-1].where == f"{obd_subset}/bts/men/men.csv:121" and kept[-1].domain == "obd/bts/men"
+
+
+def test_tokenizer_record_cap_samples_every_input_file(env, tmp_path):
+    from engine.data.preprocess import train_tokenizer_on_logs
+
+    first = os.path.join(env["train"], sorted(os.listdir(env["train"]))[0])  # 150 records
+    greek = tmp_path / "greek.jsonl"
+    greek.write_text("".join(json.dumps({"domain": "gr", "state": {"w": "ζωή ψυχή"}, "action": {},
+                                         "reward": {"click": k % 2}}) + "\n" for k in range(30)))
+    tok, used = train_tokenizer_on_logs([first, str(greek)], str(tmp_path / "t.model"), vocab_size=400,
+                                        max_records=40)
+    assert used == 40
+    # Half of the capped records came from the second file, so its characters are pieces of their own
+    # (taking the first 40 records of the first file would have left them to byte fallback).
+    assert all(tok.piece_to_id(ch) is not None for ch in "ζωήψυχ")

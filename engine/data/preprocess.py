@@ -411,12 +411,14 @@ def train_tokenizer_on_logs(inputs: list[str], model_path: str, vocab_size: int 
                             obd: ObdOptions = ObdOptions(), **train_kwargs) -> tuple[Tokenizer, int]:
     """Train a SentencePiece model on the serialized text of (at most ``max_records``) input records.
 
-    Rewards are serialized with bins fitted on the same records (labels are user-defined symbols, so
-    which label a record gets does not change the learned pieces).
+    Records are taken from the input files in turn, one from each, so a cap still samples every
+    file (logs are often one file per domain). Rewards are serialized with bins fitted on the same
+    records (labels are user-defined symbols, so which label a record gets does not change the
+    learned pieces).
     """
     records = []
     try:
-        for record in read_records(inputs, skip_bad_lines, obd):
+        for record in _interleaved_records(expand_inputs(inputs), skip_bad_lines, obd):
             records.append(record)
             if len(records) >= max_records:
                 break
@@ -427,6 +429,19 @@ def train_tokenizer_on_logs(inputs: list[str], model_path: str, vocab_size: int 
     bins = RewardBins.fit_records(records)
     texts = [serialize_text(r, bins.classify) for r in records]
     return train_tokenizer(texts, model_path, vocab_size=vocab_size, **train_kwargs), len(records)
+
+
+def _interleaved_records(paths: list[str], skip_bad_lines: bool, obd: ObdOptions) -> Iterator[SARRecord]:
+    """Validated records of every file in turn (one from each) until all are exhausted."""
+    streams = [read_records([path], skip_bad_lines, obd) for path in paths]
+    while streams:
+        alive = []
+        for stream in streams:
+            record = next(stream, None)
+            if record is not None:
+                yield record
+                alive.append(stream)
+        streams = alive
 
 
 @dataclass(frozen=True)
