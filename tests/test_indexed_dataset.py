@@ -287,6 +287,7 @@ def test_dtype_helpers():
 @pytest.mark.parametrize("dtype,bad", [
     (np.uint16, 65536), (np.uint16, -1), (np.uint8, 256), (np.int8, -129), (np.int16, 32768),
     (np.int32, 2 ** 31), (np.int64, 2 ** 63), (np.float32, 2 ** 24 + 1), (np.int32, 1.5),
+    (np.float64, 2 ** 64 + 1), (np.float32, 2 ** 70 + 1), (np.float64, 10 ** 400),
 ], ids=str)
 def test_out_of_range_tokens_are_refused_before_writing(tmp_path, dtype, bad):
     prefix = str(tmp_path / "r")

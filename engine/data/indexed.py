@@ -192,7 +192,19 @@ def _object_tokens(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
         if limits is not None and not limits.min <= int(value) <= limits.max:
             raise ValueError(f"token id {int(value)} does not fit the dataset dtype {dtype.name} "
                              f"(range {limits.min}..{limits.max})")
+        if limits is None and not _exact_float64(int(value)):
+            # float64 is the carrier to the C++ writer: it must hold the value exactly (the writer
+            # then checks float32 datasets itself).
+            raise ValueError(f"token id {int(value)} does not fit the dataset dtype {dtype.name} "
+                             "(not exactly representable)")
     return array.astype(np.float64 if limits is None else dtype)
+
+
+def _exact_float64(value: int) -> bool:
+    try:
+        return float(value) == value  # int/float comparison in Python is exact
+    except OverflowError:
+        return False
 
 
 class IndexedDatasetBuilder:
