@@ -147,6 +147,11 @@ def test_obd_sample_end_to_end(env, obd_subset, tmp_path):
     s2 = run(env, [str(obd_subset)], tmp_path / "b" / "obd", workers=2)
     assert read_bytes(tmp_path / "a" / "obd") == read_bytes(tmp_path / "b" / "obd")
     assert s1.records == s2.records == 720 and s1.num_bad_lines == 0
+    # item_context.csv files are read beside their logs, not as inputs: listed as not read, not hidden.
+    assert [os.path.basename(p) for p in s1.ignored_files] == ["item_context.csv"] * 6
+    meta = json.loads((tmp_path / "a" / "obd.meta.json").read_text())
+    assert [os.path.basename(p) for p in meta["ignored_files"]] == ["item_context.csv"] * 6
+    assert "not logs (not read): " in s1.format()
     assert sorted(s1.domains) == [f"obd/{p}/{c}" for p in ("bts", "random") for c in ("all", "men", "women")]
     bins = RewardBins.load(str(tmp_path / "a" / "obd.reward_bins.json"))
     assert all(fb.kind == "binary" for fb in bins.fields.values())

@@ -74,6 +74,7 @@ class PreprocessSummary:
     bad_lines: list[dict] = field(default_factory=list)
     num_bad_lines: int = 0
     domains: dict[str, int] = field(default_factory=dict)
+    ignored_files: list[str] = field(default_factory=list)  # under input directories, not record files
     seconds: float = 0.0
 
     def format(self) -> str:
@@ -85,6 +86,10 @@ class PreprocessSummary:
                  f"  domains: " + ", ".join(f"{d}={n}" for d, n in sorted(self.domains.items())),
                  f"  bad lines skipped: {self.num_bad_lines}, blank lines: {self.blank_lines}"
                  + (f", UNKNOWN TOKENS: {self.unknown_tokens}" if self.unknown_tokens else "")]
+        if self.ignored_files:
+            lines.append(f"  files under input directories that are not logs (not read): "
+                         + ", ".join(self.ignored_files[:10])
+                         + (f" and {len(self.ignored_files) - 10} more" if len(self.ignored_files) > 10 else ""))
         lines += [f"    {b['error']}" for b in self.bad_lines[:20]]  # each error starts with its file:line
         if self.num_bad_lines > 20:
             lines.append(f"    ... and {self.num_bad_lines - 20} more (listed in {self.output_prefix}.meta.json)")
@@ -94,8 +99,12 @@ class PreprocessSummary:
 # --------------------------------------------------------------------------- inputs
 
 
-def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Files named, matched by globs, or found (sorted) under directories; each listed once."""
+def expand_inputs(patterns: Iterable[str], ignored: list[str] | None = None) -> list[str]:
+    """Files named, matched by globs, or found (sorted) under directories; each listed once.
+
+    Files under a directory that are neither JSON Lines nor OBD logs (a manifest, item_context.csv)
+    are not inputs; they are appended to ``ignored`` so the run can say which ones it passed over.
+    """
     paths: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
@@ -103,8 +112,11 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
             raise PreprocessError(f"input not found: {pattern}")
         for match in matches:
             if os.path.isdir(match):
-                found = sorted(p for p in glob.glob(os.path.join(match, "**", "*"), recursive=True)
-                               if p.endswith(".jsonl") or is_obd_log(p))
+                files = sorted(p for p in glob.glob(os.path.join(match, "**", "*"), recursive=True)
+                               if os.path.isfile(p))
+                found = [p for p in files if p.endswith(".jsonl") or is_obd_log(p)]
+                if ignored is not None:
+                    ignored += [p for p in files if p not in found]
                 if not found:
                     raise PreprocessError(f"no .jsonl or OBD log .csv under {match}")
                 paths += found
@@ -282,7 +294,8 @@ def _fit_bins(paths: list[str], config: PreprocessConfig) -> RewardBins:
 
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     start = time.perf_counter()
-    paths = expand_inputs(config.inputs)
+    ignored: list[str] = []
+    paths = expand_inputs(config.inputs, ignored)
     tokenizer = Tokenizer(config.tokenizer_model)
     if config.append_eod and tokenizer.eos_id is None:
         raise PreprocessError(f"--append-eod: {config.tokenizer_model} has no EOS token")
@@ -300,7 +313,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     tmp_prefix, tmp_mask_prefix = prefix + tag, prefix + MASK_SUFFIX + tag
     temps = [tmp_prefix + ".bin", tmp_prefix + ".idx", tmp_mask_prefix + ".bin", tmp_mask_prefix + ".idx",
              f"{prefix}.reward_bins.json{tag}", f"{prefix}.meta.json{tag}"]
-    summary = PreprocessSummary(output_prefix=prefix)
+    summary = PreprocessSummary(output_prefix=prefix, ignored_files=ignored)
     blank = [0]
     builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype)
     mask_builder = IndexedDatasetBuilder(tmp_mask_prefix + ".bin", np.uint8)
@@ -379,6 +392,7 @@ def _write_meta(path, config, paths, tokenizer, encoder, dtype, summary) -> None
         "reward_mask": os.path.basename(prefix) + MASK_SUFFIX,
         "reward_label_ids": {label: list(ids) for label, ids in zip(REWARD_LABELS, encoder.label_ids)},
         "inputs": [os.path.abspath(p) for p in paths],
+        "ignored_files": [os.path.abspath(p) for p in summary.ignored_files],
         "counts": {"records": summary.records, "episodes": summary.episodes, "steps": summary.steps,
                    "documents": summary.records, "tokens": summary.tokens, "reward_tokens": summary.reward_tokens,
                    "unknown_tokens": summary.unknown_tokens, "bad_lines": summary.num_bad_lines,
