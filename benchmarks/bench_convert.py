@@ -50,7 +50,7 @@ def run_child(body: str, **fmt) -> dict:
 GENERATE = """
 from engine.model.config import LlamaConfig
 from engine.model.llama import expected_shapes
-from engine.train.checkpoint import write_json_atomic
+from engine.fileio import write_json_atomic
 from pathlib import Path
 out = Path({out!r}); out.mkdir(parents=True)
 config = LlamaConfig(**{config!r})

@@ -349,4 +349,4 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, damage):
     assert np.array_equal(again.index.boundaries, fresh.index.boundaries)
     third = GPTSampleDataset(FakeIndexed(docs), 8, 11, num_epochs=2, cache_dir=str(tmp_path))
     assert third.loaded_from_cache  # the rebuild repaired the cache
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left

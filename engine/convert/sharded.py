@@ -23,8 +23,8 @@ from engine.convert.hf import (engine_to_hf_name, expected_engine_shapes, hf_to_
                                read_hf_config)
 from engine.parallel.layout import is_vocab_parallel, stage_of, tp_shard, tp_shard_dim, vocab_shard_range
 from engine.parallel.state import validate_layout
-from engine.train.checkpoint import (CheckpointWriter, canonical_order, open_checkpoint, read_full_tensor,
-                                     write_json_atomic)
+from engine.fileio import write_json_atomic
+from engine.train.checkpoint import CheckpointWriter, canonical_order, open_checkpoint, read_full_tensor
 from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_name, read_header, read_rows,
                                          read_tensor)
 

@@ -83,11 +83,11 @@ class PreprocessSummary:
                  f"  records {self.records} (episodes {self.episodes}, steps {self.steps}), tokens {self.tokens} "
                  f"(reward tokens {self.reward_tokens})",
                  f"  {self.records / secs:.1f} records/s, {self.tokens / secs:.1f} tokens/s in {self.seconds:.2f} s",
-                 f"  domains: " + ", ".join(f"{d}={n}" for d, n in sorted(self.domains.items())),
+                 "  domains: " + ", ".join(f"{d}={n}" for d, n in sorted(self.domains.items())),
                  f"  bad lines skipped: {self.num_bad_lines}, blank lines: {self.blank_lines}"
                  + (f", UNKNOWN TOKENS: {self.unknown_tokens}" if self.unknown_tokens else "")]
         if self.ignored_files:
-            lines.append(f"  files under input directories that are not logs (not read): "
+            lines.append("  files under input directories that are not logs (not read): "
                          + ", ".join(self.ignored_files[:10])
                          + (f" and {len(self.ignored_files) - 10} more" if len(self.ignored_files) > 10 else ""))
         lines += [f"    {b['error']}" for b in self.bad_lines[:20]]  # each error starts with its file:line

@@ -16,13 +16,13 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 
 from engine.data.sar import MAX_REWARD_CLASSES, SARRecord
+from engine.fileio import write_json_atomic
 
 FORMAT = "ltu-reward-bins"
 VERSION = 1
@@ -134,11 +134,7 @@ class RewardBins:
 
     def save(self, path: str) -> None:
         """Written to a temporary name then renamed, so a reader never sees half a file."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.to_json(), fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_json())
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "<json>") -> "RewardBins":

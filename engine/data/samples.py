@@ -66,13 +66,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from engine import _C
+from engine.fileio import atomic_open
 
 ALGORITHM_VERSION = "ltu-gpt-sample-index/1"
 BLEND_VERSION = "ltu-tijdeman-blend/1"
@@ -195,32 +195,18 @@ def _sha256_array(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_cached_arrays(cache_dir: str, key: str, arrays: dict[str, np.ndarray],
                        description: dict[str, Any]) -> None:
     os.makedirs(cache_dir, exist_ok=True)
     checks = {}
     for name, array in arrays.items():
-        _atomic_write(os.path.join(cache_dir, f"{key}-{name}.npy"),
-                      lambda f, a=array: np.save(f, a, allow_pickle=False))
+        with atomic_open(os.path.join(cache_dir, f"{key}-{name}.npy"), "wb") as f:
+            np.save(f, array, allow_pickle=False)
         checks[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
                         "sha256": _sha256_array(array)}
     meta = json.dumps({"key": key, "inputs": description, "arrays": checks}, indent=1).encode()
-    _atomic_write(os.path.join(cache_dir, f"{key}.json"), lambda f: f.write(meta))
+    with atomic_open(os.path.join(cache_dir, f"{key}.json"), "wb") as f:
+        f.write(meta)
 
 
 def load_cached_arrays(cache_dir: str, key: str, names: Sequence[str]) -> dict[str, np.ndarray] | None:

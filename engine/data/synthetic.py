@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.data.reward_bins import FieldBins, RewardBins
 from engine.data.sar import SARRecord, parse_record
+from engine.fileio import atomic_open, write_json_atomic
 
 AGES = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 REGIONS = ("north", "south", "east", "west", "central", "coast", "mountain", "islands")
@@ -186,11 +187,9 @@ def write_logs(config: SyntheticConfig, out_dir: str) -> dict:
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         for domain in all_domains:
             path = os.path.join(out_dir, split, domain_slug(domain) + ".jsonl")
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as fh:
+            with atomic_open(path) as fh:
                 for record in generate(config, domain, split):
                     fh.write(json.dumps(record, separators=(",", ":")) + "\n")
-            os.replace(tmp, path)
             files.setdefault(split, {})[domain] = os.path.relpath(path, out_dir)
     manifest = {"config": asdict(config), "in_domain": [d for d in config.domains if d not in config.ood_domains],
                 "out_of_domain": list(config.ood_domains), "files": files,
@@ -202,8 +201,7 @@ def write_logs(config: SyntheticConfig, out_dir: str) -> dict:
         for split in ("valid", "test"):
             for (_, name), c in bayes_ceiling(generate(config, domain, split), bins).items():
                 manifest["bayes_ceiling"].setdefault(split, {})[f"{domain}/{name}"] = asdict(c)
-    with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=1)
+    write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
     return manifest
 
 

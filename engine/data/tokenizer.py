@@ -19,6 +19,7 @@ import sentencepiece as spm
 from engine.data.reward_bins import RewardBins
 from engine.data.sar import (FLOAT_DIGITS, REWARD_LABELS, SPECIAL_SYMBOLS, SARRecord, Segment,
                              serialize_segments)
+from engine.fileio import atomic_open
 
 
 class Tokenizer:
@@ -107,15 +108,8 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int = 800
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.Train(sentence_iterator=iter(texts), model_writer=buffer, **options)
-    tmp = f"{model_path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getvalue())
-        os.replace(tmp, model_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(model_path, "wb") as fh:
+        fh.write(buffer.getvalue())
     return Tokenizer(model_path)
 
 

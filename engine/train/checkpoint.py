@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from engine.convert.hf import expected_engine_shapes
+from engine.fileio import fsync_dir, write_json_atomic, write_text_atomic
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import is_vocab_parallel, padded_vocab_size, stage_of, tp_shard, tp_shard_dim
 from engine.parallel.state import validate_layout
@@ -84,38 +85,6 @@ def expected_rank_shapes(config: LlamaConfig, tp: int, pp: int, pp_rank: int) ->
     """Every tensor a (any TP rank, PP rank ``pp_rank``) file set holds, with its local shape."""
     full = expected_engine_shapes(config)
     return {n: local_shape(n, full[n], config, tp) for n in stage_names(config, pp, pp_rank)}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file, fsync it, then os.replace it into place."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------- saving
@@ -212,7 +181,7 @@ class CheckpointWriter:
             "dtype": dtype_name(dtype), "config": self.config.to_hf_dict(), "file_sets": file_sets,
             **({"extra": encode_state(dict(extra))} if extra else {}),
         })
-        _fsync_dir(self.tmp_dir)
+        fsync_dir(self.tmp_dir)
         if self.final_dir.exists():  # re-saving an iteration: move the old one aside, then drop it
             old = self.root / (self.final_dir.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -221,8 +190,9 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp_dir, self.final_dir)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         write_text_atomic(self.root / LATEST, f"{self.iteration}\n")
+        fsync_dir(self.root)
         return self.final_dir
 
 
