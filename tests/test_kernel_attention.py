@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels._utils import interpreting
 from kernels.attention import (
     _DKDV_CANDIDATES,
     _DQ_CANDIDATES,
@@ -26,10 +25,7 @@ from kernels.attention import (
     flash_attention,
 )
 
-# These tests give the kernels CPU tensors, which only Triton's interpreter runs. tests/conftest.py turns
-# it on only where there is no CUDA; on a GPU machine run them as: CUDA_VISIBLE_DEVICES= pytest <file>
-INTERPRETER_ONLY = pytest.mark.skipif(
-    not interpreting(), reason="CPU tensors need the Triton interpreter: run with CUDA_VISIBLE_DEVICES=")
+from kernel_marks import INTERPRETER_ONLY
 
 # Max error allowed, relative to max(1, largest reference magnitude), per input dtype.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3}

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import kernels.rmsnorm as rmsnorm_module
-from kernels._utils import interpreting
 from kernels.rmsnorm import (
     MAX_HIDDEN,
     backward_partition,
@@ -12,10 +11,7 @@ from kernels.rmsnorm import (
     rms_norm_reference,
 )
 
-# These tests give the kernels CPU tensors, which only Triton's interpreter runs. tests/conftest.py turns
-# it on only where there is no CUDA; on a GPU machine run them as: CUDA_VISIBLE_DEVICES= pytest <file>
-INTERPRETER_ONLY = pytest.mark.skipif(
-    not interpreting(), reason="CPU tensors need the Triton interpreter: run with CUDA_VISIBLE_DEVICES=")
+from kernel_marks import INTERPRETER_ONLY
 
 EPS = 1e-6
 # Relative L2 error and elementwise (atol, rtol) per input dtype: a few roundings of that dtype.

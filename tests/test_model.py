@@ -1,7 +1,6 @@
 """The engine Llama against transformers.LlamaForCausalLM (same random weights, fp32, eval mode)."""
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from engine import ops
 from engine.convert.hf import engine_to_hf_name, hf_to_engine_name
 from engine.model.config import LlamaConfig
 from engine.model.llama import Attention, Llama, MLP, init_parameter, rope_inv_freq
+from kernel_marks import INTERPRETER_ONLY
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
@@ -260,8 +260,7 @@ def test_activation_recomputation_gives_identical_loss_and_grads():
 
 
 @pytest.mark.triton
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="CPU tensors need the Triton interpreter: run with CUDA_VISIBLE_DEVICES=")
+@INTERPRETER_ONLY
 def test_dispatch_reaches_the_triton_kernels(monkeypatch):
     """The kernel path of engine.ops (taken on CUDA) run here in the Triton interpreter: the kernels
     are called with the ops' layout and arguments and agree with the PyTorch path."""
