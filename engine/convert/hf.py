@@ -13,12 +13,15 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from engine.model.config import LlamaConfig
 from engine.model.llama import Llama, expected_shapes
+from engine.parallel.layout import canonical_order
+from engine.train.safetensors_io import read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -119,45 +122,64 @@ def iter_hf_tensors(hf_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tens
                 yield name, f.get_tensor(name)
 
 
-def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> Llama:
-    """The engine Llama with the weights of a HF Llama directory, in this process (eval mode).
+def plan_hf_tensors(hf_dir: str | os.PathLike):
+    """Check a HF directory against its config.json without reading tensor data.
 
-    Every tensor is checked: a missing, unexpected or mis-shaped tensor is an error naming it. With
-    tied embeddings the file may or may not contain ``lm_head.weight``; when it does it must equal
-    ``model.embed_tokens.weight``.
+    Returns ``(config, plan, tied_head)``: ``plan[engine_name] = (hf_name, file, TensorInfo)`` and
+    ``tied_head`` the location of a redundant ``lm_head.weight`` saved beside tied embeddings.
+    Raises ValueError listing every missing, unexpected and mis-shaped tensor.
     """
+    hf_dir = Path(hf_dir)
     config = read_hf_config(hf_dir)
     expected = expected_engine_shapes(config)
-    state: dict[str, torch.Tensor] = {}
-    tied_head: torch.Tensor | None = None
-    unexpected: list[str] = []
-    for hf_name, tensor in iter_hf_tensors(hf_dir):
+    locations = hf_weight_files(hf_dir)
+    headers = {path: read_header(path)[0] for path in set(locations.values())}
+    plan, tied_head, unexpected, misshaped, seen = {}, None, [], [], set()
+    for hf_name, path in sorted(locations.items()):
+        if _IGNORED_HF_TENSOR.match(hf_name):
+            continue
+        info = headers[path][hf_name]
         try:
             name = hf_to_engine_name(hf_name)
         except ValueError:
             unexpected.append(hf_name)
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
-            tied_head = tensor  # checked against the embedding below
-            continue
-        if name not in expected:
+            tied_head = (path, info)
+            if info.shape != expected["embed_tokens.weight"]:
+                misshaped.append(f"{hf_name} {list(info.shape)} (tied to the embedding: "
+                                 f"{list(expected['embed_tokens.weight'])})")
+        elif name not in expected:
             unexpected.append(hf_name)
-            continue
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{hf_dir}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {expected[name]} from config.json")
-        state[name] = tensor.to(device=device, dtype=dtype)
-    if unexpected:
-        raise ValueError(f"{hf_dir}: unexpected tensor(s) for this Llama config: {sorted(unexpected)}")
-    missing = sorted(engine_to_hf_name(n) for n in expected if n not in state)
-    if missing:
-        raise ValueError(f"{hf_dir}: missing tensor(s): {missing}")
-    if tied_head is not None:
-        embedding = state["embed_tokens.weight"]
-        if tied_head.shape != embedding.shape or not torch.equal(tied_head.to(device, dtype), embedding):
-            raise ValueError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' differs from "
-                             "'model.embed_tokens.weight'")
+        elif info.shape != expected[name]:
+            seen.add(name)
+            misshaped.append(f"{hf_name} {list(info.shape)} (config.json implies {list(expected[name])})")
+        else:
+            plan[name] = (hf_name, path, info)
+    missing = [engine_to_hf_name(n) for n in canonical_order(expected) if n not in plan and n not in seen]
+    problems = [f"{label}: {items}" for label, items in (
+        ("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
+        ("mis-shaped tensor(s)", misshaped)) if items]
+    if problems:
+        raise ValueError(f"{hf_dir}: " + "; ".join(problems))
+    return config, plan, tied_head
+
+
+def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Llama:
+    """The engine Llama with the weights of a HF Llama directory, in this process (eval mode).
+
+    Every tensor is checked before any is read: missing, unexpected and mis-shaped tensors are all
+    named in one error. With tied embeddings the file may or may not contain ``lm_head.weight``;
+    when it does it must equal ``model.embed_tokens.weight``.
+    """
+    config, plan, tied_head = plan_hf_tensors(hf_dir)
+    state = {name: read_tensor(path, info).to(device=device, dtype=dtype)
+             for name, (_, path, info) in plan.items()}
+    if tied_head is not None and not torch.equal(read_tensor(*tied_head).to(device, dtype),
+                                                 state["embed_tokens.weight"]):
+        raise ValueError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' differs from "
+                         "'model.embed_tokens.weight'")
 
     with torch.device("meta"):
         model = Llama(config)

@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.convert.hf import (engine_to_hf_name, expected_engine_shapes, hf_to_engine_name, hf_weight_files,
-                               read_hf_config)
+from engine.convert.hf import engine_to_hf_name, plan_hf_tensors, read_hf_config
 from engine.parallel.layout import is_vocab_parallel, stage_of, tp_shard, tp_shard_dim, vocab_shard_range
 from engine.parallel.state import validate_layout
 from engine.fileio import write_json_atomic
-from engine.train.checkpoint import CheckpointWriter, canonical_order, open_checkpoint, read_full_tensor
-from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_name, read_header, read_rows,
+from engine.train.checkpoint import CheckpointWriter, open_checkpoint, read_full_tensor
+from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_name, read_rows,
                                          read_tensor)
 
 # Files besides the weights that make a HF directory usable: copied into the checkpoint on import
@@ -33,8 +32,6 @@ from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_na
 HF_SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "added_tokens.json", "generation_config.json")
 TOKENIZER_SUBDIR = "tokenizer"
-# Buffers that old HF Llama checkpoints saved; recomputed from the config, never converted.
-_IGNORED_HF_TENSOR = re.compile(r"\.rotary_emb\.inv_freq$")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -101,49 +98,6 @@ def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ import
-def plan_hf_import(hf_dir: str | os.PathLike):
-    """Check a HF directory against its config.json without reading tensor data.
-
-    Returns ``(config, plan, tied_head)``: ``plan[engine_name] = (hf_name, file, TensorInfo)`` and
-    ``tied_head`` the location of a redundant ``lm_head.weight`` saved beside tied embeddings.
-    Raises ConversionError listing every missing, unexpected and mis-shaped tensor.
-    """
-    hf_dir = Path(hf_dir)
-    config = read_hf_config(hf_dir)
-    expected = expected_engine_shapes(config)
-    locations = hf_weight_files(hf_dir)
-    headers = {path: read_header(path)[0] for path in set(locations.values())}
-    plan, tied_head, unexpected, misshaped, seen = {}, None, [], [], set()
-    for hf_name, path in sorted(locations.items()):
-        if _IGNORED_HF_TENSOR.search(hf_name):
-            continue
-        info = headers[path][hf_name]
-        try:
-            name = hf_to_engine_name(hf_name)
-        except ValueError:
-            unexpected.append(hf_name)
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            tied_head = (path, info)
-            if info.shape != expected["embed_tokens.weight"]:
-                misshaped.append(f"{hf_name} {list(info.shape)} (tied to the embedding: "
-                                 f"{list(expected['embed_tokens.weight'])})")
-        elif name not in expected:
-            unexpected.append(hf_name)
-        elif info.shape != expected[name]:
-            seen.add(name)
-            misshaped.append(f"{hf_name} {list(info.shape)} (config.json implies {list(expected[name])})")
-        else:
-            plan[name] = (hf_name, path, info)
-    missing = [engine_to_hf_name(n) for n in canonical_order(expected) if n not in plan and n not in seen]
-    problems = [f"{label}: {items}" for label, items in (
-        ("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
-        ("mis-shaped tensor(s)", misshaped)) if items]
-    if problems:
-        raise ConversionError(f"{hf_dir}: " + "; ".join(problems))
-    return config, plan, tied_head
-
-
 def _read_tp_shard(name: str, path: str, info: TensorInfo, tp: int, tp_rank: int) -> torch.Tensor:
     """``tp_rank``'s slice of a HF tensor, as :func:`tp_shard` of the whole tensor gives it.
 
@@ -180,7 +134,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
         raise ConversionError(f"{hf_dir}: no such Hugging Face directory")
     config = read_hf_config(hf_dir)
     validate_layout(config, tp, pp)  # before touching any tensor
-    config, plan, tied_head = plan_hf_import(hf_dir)
+    config, plan, tied_head = plan_hf_tensors(hf_dir)
     dtypes = {n: dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
               for n, (_, _, info) in plan.items()}
     counts: dict[torch.dtype, int] = {}
@@ -319,5 +273,5 @@ def describe(path: str | os.PathLike) -> str:
             f"(padded {ckpt.padded_vocab_size}), dtype {ckpt.info.get('dtype')}")
 
 
-__all__ = ["ConversionError", "import_hf", "export_hf", "plan_hf_import", "parse_size", "parse_dtype",
+__all__ = ["ConversionError", "import_hf", "export_hf", "parse_size", "parse_dtype",
            "describe", "HF_SIDE_FILES"]

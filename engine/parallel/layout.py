@@ -50,6 +50,15 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def canonical_order(names) -> list[str]:
+    """Embedding, layers by global index, final norm, head: the order files and iterations use."""
+    def key(name: str):
+        if name.startswith("layers."):
+            return (1, int(name.split(".")[1]), name)
+        return ({"embed_tokens.weight": 0, "norm.weight": 2}.get(name, 3), 0, name)
+    return sorted(names, key=key)
+
+
 def stage_layers(num_layers: int, pp: int) -> list[range]:
     """Global layer indices held by each pipeline stage: contiguous, equal-sized."""
     if pp < 1 or num_layers % pp:

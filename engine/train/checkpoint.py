@@ -29,7 +29,8 @@ import torch
 from engine.convert.hf import expected_engine_shapes
 from engine.fileio import fsync_dir, write_json_atomic, write_text_atomic
 from engine.model.config import LlamaConfig
-from engine.parallel.layout import is_vocab_parallel, padded_vocab_size, stage_of, tp_shard, tp_shard_dim
+from engine.parallel.layout import (canonical_order, is_vocab_parallel, padded_vocab_size, stage_of, tp_shard,
+                                   tp_shard_dim)
 from engine.parallel.state import validate_layout
 from engine.train.safetensors_io import (CheckpointError, SafetensorsWriter, decode_state, dtype_name, encode_state,
                                          read_header, read_tensor)
@@ -55,15 +56,6 @@ def optimizer_file_names(dp_rank: int) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- layout of the shards
-def canonical_order(names) -> list[str]:
-    """Embedding, layers by global index, final norm, head: the order files and iterations use."""
-    def key(name: str):
-        if name.startswith("layers."):
-            return (1, int(name.split(".")[1]), name)
-        return ({"embed_tokens.weight": 0, "norm.weight": 2}.get(name, 3), 0, name)
-    return sorted(names, key=key)
-
-
 def stage_names(config: LlamaConfig, pp: int, pp_rank: int) -> list[str]:
     """Names of the parameters that pipeline stage ``pp_rank`` holds (tied copy included)."""
     return [n for n in canonical_order(expected_engine_shapes(config))
