@@ -1,8 +1,6 @@
 """The README's demo, small: the data path end to end, with the reward mask lined up on samples."""
 import json
 
-import numpy as np
-
 from engine.data.indexed import IndexedDataset
 from engine.data.tokenizer import Tokenizer
 from engine.demo import DemoConfig, _SampleMasks, run_data_demo

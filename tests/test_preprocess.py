@@ -204,7 +204,7 @@ def test_bad_line_fails_with_file_line_and_leaves_nothing(env, tmp_path, workers
     path, _ = write_with_bad_line(env, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(PreprocessError, match=rf"bad.jsonl:5: field 'reward.click': .*--skip-bad-lines"):
+    with pytest.raises(PreprocessError, match=r"bad.jsonl:5: field 'reward.click': .*--skip-bad-lines"):
         run(env, [path], out / "data", workers=workers)
     assert os.listdir(out) == []
     # Bins given: the error surfaces in the encoding pass, after some records were written.
