@@ -49,7 +49,6 @@ DTYPE_CODES = _DtypeCodes({
     np.float32: 7,
     np.uint16: 8,
 })
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def best_dtype(vocab_size: int | None) -> type:
