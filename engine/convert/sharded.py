@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from engine.convert.hf import engine_to_hf_name, plan_hf_tensors, read_hf_config
+from engine.fileio import write_json_atomic
 from engine.parallel.layout import is_vocab_parallel, stage_of, tp_shard, tp_shard_dim, vocab_shard_range
 from engine.parallel.state import validate_layout
-from engine.fileio import write_json_atomic
-from engine.train.checkpoint import CheckpointWriter, open_checkpoint, read_full_tensor
+from engine.train.checkpoint import CheckpointWriter, dominant_dtype, open_checkpoint, read_full_tensor
 from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_name, read_rows,
                                          read_tensor)
 
@@ -137,10 +137,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
     config, plan, tied_head = plan_hf_tensors(hf_dir)
     dtypes = {n: dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
               for n, (_, _, info) in plan.items()}
-    counts: dict[torch.dtype, int] = {}
-    for n, d in dtypes.items():
-        counts[d] = counts.get(d, 0) + (plan[n][2].end - plan[n][2].start)
-    main_dtype = max(counts, key=counts.get)
+    main_dtype = dominant_dtype((d, plan[n][2].end - plan[n][2].start) for n, d in dtypes.items())
 
     dest = Path(save_dir)
     staging = _staging_for(dest, force)
@@ -233,11 +230,8 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
     dest = Path(hf_dir)
     staging = _staging_for(dest, force)
     try:
-        counts: dict[torch.dtype, int] = {}
-        for n in names:
-            counts[out_dtype[n]] = counts.get(out_dtype[n], 0) + nbytes[n]
         config = ckpt.config.to_hf_dict()
-        config["torch_dtype"] = config["dtype"] = dtype_name(max(counts, key=counts.get))
+        config["torch_dtype"] = config["dtype"] = dtype_name(dominant_dtype((out_dtype[n], nbytes[n]) for n in names))
         write_json_atomic(staging / "config.json", config)
         weight_map = {}
         with tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc="export",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,12 +188,17 @@ class CheckpointWriter:
         return self.final_dir
 
 
-def _dominant_dtype(states) -> torch.dtype:
+def dominant_dtype(sizes: Iterable[tuple[torch.dtype, int]]) -> torch.dtype:
+    """The dtype with the largest total size over ``(dtype, size)`` pairs (float32 when there are none):
+    the dtype a checkpoint or a HF config reports for the whole model."""
     counts: dict[torch.dtype, int] = {}
-    for sd in states:
-        for t in sd.values():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    for dtype, size in sizes:
+        counts[dtype] = counts.get(dtype, 0) + size
     return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _dominant_dtype(states) -> torch.dtype:
+    return dominant_dtype((t.dtype, t.numel()) for sd in states for t in sd.values())
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int, pp: int,
