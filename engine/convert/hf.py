@@ -1,8 +1,11 @@
 """Reading Hugging Face Llama directories: config, tensor names, streamed tensors, a one-process model.
 
 A HF directory holds ``config.json`` and either ``model.safetensors`` or shards ``model-*.safetensors``
-listed by ``model.safetensors.index.json``. Tensors are read one at a time with ``safe_open`` so that
-memory never holds more than the tensor being converted.
+listed by ``model.safetensors.index.json``. :func:`plan_hf_tensors` checks every tensor against
+``config.json`` from the safetensors headers alone, before any data is read; both
+:func:`load_hf_model` and :func:`engine.convert.sharded.import_hf` start from its plan and then read
+one tensor at a time, so memory never holds more than the tensor being converted (plus, for
+:func:`load_hf_model`, the model being built).
 
     model = load_hf_model("path/to/llama")      # engine Llama, one process, no torchrun
     logits = model(token_ids)                   # [batch, seq] -> [batch, seq, vocab]
@@ -134,7 +137,7 @@ def plan_hf_tensors(hf_dir: str | os.PathLike):
     expected = expected_engine_shapes(config)
     locations = hf_weight_files(hf_dir)
     headers = {path: read_header(path)[0] for path in set(locations.values())}
-    plan, tied_head, unexpected, misshaped, seen = {}, None, [], [], set()
+    plan, tied_head, unexpected, misshaped, misshaped_names = {}, None, [], [], set()
     for hf_name, path in sorted(locations.items()):
         if _IGNORED_HF_TENSOR.match(hf_name):
             continue
@@ -152,11 +155,12 @@ def plan_hf_tensors(hf_dir: str | os.PathLike):
         elif name not in expected:
             unexpected.append(hf_name)
         elif info.shape != expected[name]:
-            seen.add(name)
+            misshaped_names.add(name)
             misshaped.append(f"{hf_name} {list(info.shape)} (config.json implies {list(expected[name])})")
         else:
             plan[name] = (hf_name, path, info)
-    missing = [engine_to_hf_name(n) for n in canonical_order(expected) if n not in plan and n not in seen]
+    missing = [engine_to_hf_name(n) for n in canonical_order(expected)
+               if n not in plan and n not in misshaped_names]
     problems = [f"{label}: {items}" for label, items in (
         ("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
         ("mis-shaped tensor(s)", misshaped)) if items]
