@@ -108,11 +108,11 @@ def tp_shard(name: str, full, tp: int, tp_rank: int):
         raise ValueError(f"{name}: a tensor of shape {tuple(full.shape)} has no dimension {dim} to split")
     if is_vocab_parallel(name):
         start, end = vocab_shard_range(full.shape[0], tp, tp_rank)
-        shard = full[start:min(end, full.shape[0])]
-        missing = end - start - shard.shape[0]
-        if missing:
-            shard = full.new_zeros((end - start,) + tuple(full.shape[1:]))
-            shard[: end - start - missing] = full[start:min(end, full.shape[0])]
+        real = full[start:end]  # fewer rows than end - start where the shard reaches the padding
+        if real.shape[0] == end - start:
+            return real
+        shard = full.new_zeros((end - start,) + tuple(full.shape[1:]))
+        shard[:real.shape[0]] = real
         return shard
     if full.shape[dim] % tp:
         raise ValueError(f"{name}: dimension {dim} of size {full.shape[dim]} is not divisible by "
