@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from engine.fileio import atomic_open  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # before any kernel module is imported: Triton picks the interpreter at decoration
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -374,13 +376,11 @@ def format_table(rows: list[Row]) -> str:
 
 
 def write_csv(path: str, rows: list[Row]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path) as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for r in rows:
             writer.writerow(r.as_csv())
-    os.replace(tmp, path)
 
 
 def plot(path: str, rows: list[Row], device_name: str) -> None:
@@ -412,10 +412,9 @@ def plot(path: str, rows: list[Row], device_name: str) -> None:
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _parse_shapes(text: str, arity: int, sep: str) -> list[tuple[int, ...]]:
@@ -473,11 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     write_csv(os.path.join(args.out, "results.csv"), rows)
     plot(os.path.join(args.out, "results.png"), [r for r in rows if r.kernel != "ceiling"], device_name)
-    with open(os.path.join(args.out, "table.txt.tmp"), "w") as f:
+    with atomic_open(os.path.join(args.out, "table.txt")) as f:
         f.write(f"command: python tools/bench_kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
         f.write(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         f.write("\n".join(bench.messages) + "\n\n" + table + "\n")
-    os.replace(os.path.join(args.out, "table.txt.tmp"), os.path.join(args.out, "table.txt"))
     print(f"wrote {args.out}/results.csv, results.png, table.txt")
     return 0
 
