@@ -3,13 +3,17 @@
 Every file the engine publishes (checkpoints' JSON, `latest`, tokenizers, reward bins, sample-index
 caches, synthetic logs) goes through here: written under a temporary name in the same directory,
 flushed and fsynced, then renamed over the destination. On any error the temporary file is removed.
+Whole directories (checkpoints, converted HF directories) are built under a staging name and put in
+place by :func:`replace_dir`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from pathlib import Path
 from typing import IO, Any, Iterator
 
 
@@ -43,6 +47,20 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename the finished directory ``src`` to ``dest``. An existing ``dest`` is renamed aside first
+    and deleted after, so ``dest`` is never a mix of the old and the new contents."""
+    src, dest = Path(src), Path(dest)
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -121,6 +121,18 @@ def test_resharding_load_equals_slicing_the_full_tensors(tmp_path, src, dst, tie
         ck.load_rank_shard(ckpt, 0, 0, 8, 1)
 
 
+def test_saving_an_existing_iteration_again_replaces_it_whole(tmp_path):
+    config = tiny_config()
+    first, second = random_full(config, seed=2), random_full(config, seed=3)
+    ck.save_checkpoint(tmp_path, 3, config, 2, 2, ref_rank_states(config, first, 2, 2))
+    ck.save_checkpoint(tmp_path, 3, config, 1, 1, ref_rank_states(config, second, 1, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003", "latest"]
+    assert sorted(p.name for p in (tmp_path / "iter_0000003").iterdir()) == ["checkpoint.json", "mp_rank_00_000"]
+    loaded = ck.load_full_tensors(tmp_path)
+    for n, v in second.items():
+        assert torch.equal(loaded[n], v), n
+
+
 def test_optimizer_state_and_rng_meta_resume_exactly(tmp_path):
     config = tiny_config(num_hidden_layers=2)
     local = ref_rank_states(config, random_full(config), 1, 1)[(0, 0)]  # vocab padded to 256 rows

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from engine.convert.hf import engine_to_hf_name, plan_hf_tensors, read_hf_config
-from engine.fileio import write_json_atomic
+from engine.fileio import replace_dir, write_json_atomic
 from engine.parallel.layout import is_vocab_parallel, stage_of, tp_shard, tp_shard_dim, vocab_shard_range
 from engine.parallel.state import validate_layout
 from engine.train.checkpoint import CheckpointWriter, dominant_dtype, open_checkpoint, read_full_tensor
@@ -73,16 +73,6 @@ def _staging_for(dest: Path, force: bool) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
-
-
-def _publish(staging: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, dest)
 
 
 def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
@@ -173,7 +163,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
                 ckpt.write_meta(t, p, main_dtype, {"iteration": 0, "consumed_samples": 0, "source": source})
         _copy_side_files([Path(hf_dir)], staging / TOKENIZER_SUBDIR)
         ckpt.commit(main_dtype)
-        _publish(staging, dest)
+        replace_dir(staging, dest)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -249,7 +239,7 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
         sources = [Path(tokenizer_dir)] if tokenizer_dir is not None else \
             [ckpt.path, ckpt.root / TOKENIZER_SUBDIR, ckpt.root]
         _copy_side_files(sources, staging)
-        _publish(staging, dest)
+        replace_dir(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

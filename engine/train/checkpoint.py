@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from engine.convert.hf import expected_engine_shapes
-from engine.fileio import fsync_dir, write_json_atomic, write_text_atomic
+from engine.fileio import fsync_dir, replace_dir, write_json_atomic, write_text_atomic
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import (canonical_order, is_vocab_parallel, padded_vocab_size, stage_of, tp_shard,
                                    tp_shard_dim)
@@ -174,14 +174,7 @@ class CheckpointWriter:
             **({"extra": encode_state(dict(extra))} if extra else {}),
         })
         fsync_dir(self.tmp_dir)
-        if self.final_dir.exists():  # re-saving an iteration: move the old one aside, then drop it
-            old = self.root / (self.final_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final_dir, old)
-            os.replace(self.tmp_dir, self.final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp_dir, self.final_dir)
+        replace_dir(self.tmp_dir, self.final_dir)  # re-saving an iteration replaces it whole
         fsync_dir(self.root)
         write_text_atomic(self.root / LATEST, f"{self.iteration}\n")
         fsync_dir(self.root)
