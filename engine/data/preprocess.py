@@ -311,8 +311,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
 
     tag = f".tmp-{os.getpid()}"
     tmp_prefix, tmp_mask_prefix = prefix + tag, prefix + MASK_SUFFIX + tag
+    tmp_bins, tmp_meta = f"{prefix}.reward_bins.json{tag}", f"{prefix}.meta.json{tag}"
     temps = [tmp_prefix + ".bin", tmp_prefix + ".idx", tmp_mask_prefix + ".bin", tmp_mask_prefix + ".idx",
-             f"{prefix}.reward_bins.json{tag}", f"{prefix}.meta.json{tag}"]
+             tmp_bins, tmp_meta]
     summary = PreprocessSummary(output_prefix=prefix, ignored_files=ignored)
     blank = [0]
     builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype)
@@ -349,9 +350,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         summary.blank_lines = blank[0]
         builder.finalize(tmp_prefix + ".idx")
         mask_builder.finalize(tmp_mask_prefix + ".idx")
-        bins.save(temps[4])
-        summary.seconds = time.perf_counter() - start
-        _write_meta(temps[5], config, paths, tokenizer, encoder, dtype, summary)
+        bins.save(tmp_bins)
+        _write_meta(tmp_meta, config, paths, tokenizer, encoder, dtype, summary)
         _publish(prefix, tmp_prefix, tmp_mask_prefix, tag)
     except BaseException:
         builder.abort()
