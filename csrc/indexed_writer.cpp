@@ -27,9 +27,20 @@ std::string directory_of(const std::string& path) {
     return path.substr(0, slash);
 }
 
-std::string temp_name_for(const std::string& path) {
+// Creates a new file under a fresh temporary name next to `path` (another name on a clash) and
+// returns that name, so that only a file this writer created is ever renamed or removed.
+std::string open_temp_for(BufferedFd& file, const std::string& path) {
     std::random_device rd;
-    return path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(rd() % 1000000000u);
+    for (int attempt = 0;; ++attempt) {
+        std::string name =
+            path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(rd() % 1000000000u);
+        try {
+            file.open_new(name);
+            return name;
+        } catch (const SystemError& e) {
+            if (e.err != EEXIST || attempt > 16) throw;
+        }
+    }
 }
 
 void fsync_directory(const std::string& dir) {
@@ -230,15 +241,7 @@ IndexWriter::IndexWriter(const std::string& bin_path, uint8_t dtype_code)
         throw std::invalid_argument("unknown token dtype code " + std::to_string(dtype_code));
     itemsize_ = dtype_itemsize(dtype_code);
     const std::string dir = directory_of(bin_path);
-    for (int attempt = 0;; ++attempt) {
-        bin_tmp_path_ = temp_name_for(bin_path);
-        try {
-            bin_.open_new(bin_tmp_path_);
-            break;
-        } catch (const SystemError& e) {
-            if (e.err != EEXIST || attempt > 16) throw;
-        }
-    }
+    bin_tmp_path_ = open_temp_for(bin_, bin_path);
     try {
         lengths_.open_anonymous(dir);
         doc_indices_.open_anonymous(dir);
@@ -356,15 +359,7 @@ void IndexWriter::finalize(const std::string& idx_path) {
         bin_.close();
 
         BufferedFd idx;
-        for (int attempt = 0;; ++attempt) {
-            idx_tmp_path_ = temp_name_for(idx_path);
-            try {
-                idx.open_new(idx_tmp_path_);
-                break;
-            } catch (const SystemError& e) {
-                if (e.err != EEXIST || attempt > 16) throw;
-            }
-        }
+        idx_tmp_path_ = open_temp_for(idx, idx_path);
         uint8_t header[kHeaderSize];
         std::memcpy(header, kMagic, sizeof(kMagic));
         std::memcpy(header + kOffVersion, &kVersion, 8);
