@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from engine.convert.hf import engine_to_hf_name, plan_hf_tensors, read_hf_config
 from engine.fileio import replace_dir, write_json_atomic
-from engine.parallel.layout import is_vocab_parallel, stage_of, tp_shard, tp_shard_dim, vocab_shard_range
+from engine.parallel.layout import (is_vocab_parallel, pad_rows, stage_of, tp_shard, tp_shard_dim,
+                                   vocab_shard_range)
 from engine.parallel.state import validate_layout
 from engine.train.checkpoint import CheckpointWriter, dominant_dtype, open_checkpoint, read_full_tensor
 from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_name, read_rows,
@@ -100,12 +101,7 @@ def _read_tp_shard(name: str, path: str, info: TensorInfo, tp: int, tp_rank: int
     rows = info.shape[0]
     if is_vocab_parallel(name):
         start, end = vocab_shard_range(rows, tp, tp_rank)
-        real = read_rows(path, info, min(start, rows), min(end, rows))
-        if real.shape[0] == end - start:
-            return real
-        shard = real.new_zeros((end - start,) + tuple(info.shape[1:]))  # vocabulary padding
-        shard[:real.shape[0]] = real
-        return shard
+        return pad_rows(read_rows(path, info, min(start, rows), min(end, rows)), end - start)
     if rows % tp:
         raise ValueError(f"{name}: dimension 0 of size {rows} is not divisible by the tensor-parallel size {tp}")
     per = rows // tp

@@ -93,6 +93,16 @@ def vocab_shard_range(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int]
     return tp_rank * per, (tp_rank + 1) * per
 
 
+def pad_rows(real, rows: int):
+    """``real`` followed by zero rows up to ``rows`` rows (vocabulary padding); ``real`` itself when
+    it already has them."""
+    if real.shape[0] == rows:
+        return real
+    padded = real.new_zeros((rows,) + tuple(real.shape[1:]))
+    padded[:real.shape[0]] = real
+    return padded
+
+
 def tp_shard(name: str, full, tp: int, tp_rank: int):
     """``tp_rank``'s slice of the full (unpadded) tensor of parameter ``name`` (a view where possible).
 
@@ -108,12 +118,7 @@ def tp_shard(name: str, full, tp: int, tp_rank: int):
         raise ValueError(f"{name}: a tensor of shape {tuple(full.shape)} has no dimension {dim} to split")
     if is_vocab_parallel(name):
         start, end = vocab_shard_range(full.shape[0], tp, tp_rank)
-        real = full[start:end]  # fewer rows than end - start where the shard reaches the padding
-        if real.shape[0] == end - start:
-            return real
-        shard = full.new_zeros((end - start,) + tuple(full.shape[1:]))
-        shard[:real.shape[0]] = real
-        return shard
+        return pad_rows(full[start:end], end - start)
     if full.shape[dim] % tp:
         raise ValueError(f"{name}: dimension {dim} of size {full.shape[dim]} is not divisible by "
                          f"the tensor-parallel size {tp}")
