@@ -121,15 +121,18 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------- ceilings
+def _copy_ms(bench: Bench, n_bytes: int) -> float:
+    """Time of one device-to-device copy of ``n_bytes`` (its buffers are freed on return)."""
+    src = torch.randint(0, 255, (n_bytes,), dtype=torch.uint8, device=bench.device)
+    dst = torch.empty_like(src)
+    return bench.time_ms(lambda: dst.copy_(src))
+
+
 def measure_ceilings(bench: Bench, dtype: torch.dtype) -> tuple[float, float]:
     """(copy GB/s counting read + write, matmul TFLOP/s in `dtype`) measured on this device."""
     cuda = bench.device.type == "cuda"
     n_bytes = (1 << 30) if cuda else (64 << 20)
-    src = torch.randint(0, 255, (n_bytes,), dtype=torch.uint8, device=bench.device)
-    dst = torch.empty_like(src)
-    copy_ms = bench.time_ms(lambda: dst.copy_(src))
-    copy_gbps = 2 * n_bytes / (copy_ms * 1e-3) / 1e9
-    del src, dst
+    copy_gbps = 2 * n_bytes / (_copy_ms(bench, n_bytes) * 1e-3) / 1e9
     n = 8192 if cuda else 512
     mm_dtype = dtype if cuda else torch.float32
     a = torch.randn(n, n, device=bench.device, dtype=mm_dtype)
