@@ -153,10 +153,7 @@ class SafetensorsWriter:
                              f"declared {dtype}{list(shape)}")
         if name not in self._pending:
             raise ValueError(f"{self.path}: tensor {name!r} written twice")
-        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._file.seek(self._base + offset)
-        for i in range(0, len(data), _CHUNK):
-            self._file.write(data[i:i + _CHUNK])
+        self._write_at(self._base + offset, tensor)
         self._pending.discard(name)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
@@ -173,13 +170,17 @@ class SafetensorsWriter:
         if name not in self._pending or any(a < stop and start < b for a, b in done):
             raise ValueError(f"{self.path}: rows {start}:{stop} of tensor {name!r} written twice")
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        data = memoryview(rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._file.seek(self._base + offset + start * row_bytes)
-        for i in range(0, len(data), _CHUNK):
-            self._file.write(data[i:i + _CHUNK])
+        self._write_at(self._base + offset + start * row_bytes, rows)
         done.append((start, stop))
         if sum(b - a for a, b in done) == shape[0]:
             self._pending.discard(name)
+
+    def _write_at(self, position: int, tensor: torch.Tensor) -> None:
+        """The bytes of ``tensor`` at file offset ``position``, in chunks (no full-size bytes copy)."""
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(position)
+        for i in range(0, len(data), _CHUNK):
+            self._file.write(data[i:i + _CHUNK])
 
     def close(self) -> None:
         if self._pending:
