@@ -6,7 +6,6 @@ exactly where the reward mask says.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from engine.data.preprocess import MASK_SUFFIX, PreprocessConfig, preprocess, tr
 from engine.data.samples import GPTSampleDataset
 from engine.data.synthetic import SyntheticConfig, write_logs
 from engine.data.tokenizer import Tokenizer
+from engine.fileio import write_json_atomic
 
 
 @dataclass
@@ -85,8 +85,7 @@ def run_data_demo(cfg: DemoConfig, log=print) -> dict:
               "records": {k: s.records for k, s in summaries.items()},
               "tokens": {k: s.tokens for k, s in summaries.items()},
               "bayes_ceiling_valid": manifest["bayes_ceiling"].get("valid", {})}
-    with open(os.path.join(cfg.workdir, "demo_summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
+    write_json_atomic(os.path.join(cfg.workdir, "demo_summary.json"), result)
     return result
 
 
