@@ -1,10 +1,12 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never half of one.
 
-Every file the engine publishes (checkpoints' JSON, `latest`, tokenizers, reward bins, sample-index
-caches, synthetic logs) goes through here: written under a temporary name in the same directory,
-flushed and fsynced, then renamed over the destination. On any error the temporary file is removed.
-Whole directories (checkpoints, converted HF directories) are built under a staging name and put in
-place by :func:`replace_dir`.
+Single files the engine publishes (checkpoints' JSON and `latest`, tokenizers, reward bins,
+sample-index caches, synthetic logs, the demo summary, kernel benchmark results) go through here:
+written under a temporary name in the same directory, flushed and fsynced, then renamed over the
+destination. On any error the temporary file is removed. Whole directories (checkpoints, converted
+HF directories) are built under a staging name and put in place by :func:`replace_dir`. Outputs that
+must appear together (a preprocessed dataset's files, an indexed dataset's .bin and .idx) rename
+their own temporaries in a fixed order instead.
 """
 from __future__ import annotations
 
