@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from engine.parallel.collectives import (all_reduce, copy_to_tp, gather_from_sequence, group_rank,
                                          group_size, reduce_from_tp, reduce_scatter_to_sequence)
-from engine.parallel.layout import padded_vocab_size
+from engine.parallel.layout import padded_vocab_size, vocab_shard_range
 
 _SEQUENCE_PARALLEL_ATTR = "sequence_parallel"
 
@@ -110,8 +110,8 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size, self.embedding_dim = vocab_size, embedding_dim
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         self.padded_vocab_size = padded_vocab_size(vocab_size, self.tp_size)
-        self.local_vocab_size = self.padded_vocab_size // self.tp_size
-        self.vocab_start = self.tp_rank * self.local_vocab_size
+        self.vocab_start, vocab_end = vocab_shard_range(vocab_size, self.tp_size, self.tp_rank)
+        self.local_vocab_size = vocab_end - self.vocab_start
         self.weight = nn.Parameter(torch.empty(self.local_vocab_size, embedding_dim, device=device, dtype=dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -156,8 +156,8 @@ class VocabParallelLMHead(nn.Module):
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         self.padded_vocab_size = padded_vocab_size(vocab_size, self.tp_size)
-        self.local_vocab_size = self.padded_vocab_size // self.tp_size
-        self.vocab_start = self.tp_rank * self.local_vocab_size
+        self.vocab_start, vocab_end = vocab_shard_range(vocab_size, self.tp_size, self.tp_rank)
+        self.local_vocab_size = vocab_end - self.vocab_start
         if not tied:
             self.weight = nn.Parameter(torch.empty(self.local_vocab_size, hidden_size, device=device, dtype=dtype))
 
