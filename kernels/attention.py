@@ -21,10 +21,15 @@ group and over the query blocks that are not fully masked, and keeps dK and dV i
 separate dQ kernel runs one program per (query block, batch * head) over the key blocks up to the
 diagonal. Gradients are written in the input dtype.
 
-Block sizes: small fixed tiles on CPU (the Triton interpreter, TRITON_INTERPRET=1), and on CUDA a
-short list of tile / warp / stage configurations tuned per (sequence bucket, head_dim, causal, group)
-by triton.autotune, the first entry of each list being the untuned default. Pass
-``blocks=default_blocks(...)`` (or any AttentionBlocks) to skip tuning.
+Loads: on Hopper and newer GPUs, q/k/v/dO tiles arrive through TMA descriptors over the
+[batch, seq, heads, head_dim] tensors (bulk copies into shared memory, zero-filled past the sequence
+end, no per-element address registers) and output tiles leave the same way; elsewhere, and for
+tensors whose base or strides are not 16-byte aligned, through pointer loads with row masks.
+
+Block sizes (kernels/attention_tiles.py): small fixed tiles on CPU (the Triton interpreter,
+TRITON_INTERPRET=1), and on CUDA a short list of tile / warp / stage configurations per load path,
+tuned per (sequence bucket, head_dim, causal, group) by triton.autotune, the first entry of each list
+being the untuned default. Pass ``blocks=default_blocks(...)`` (or any AttentionBlocks) to skip tuning.
 
 FLOP accounting, shared with tools/bench_kernels.py and the docs (see attention_flops): the forward
 is two matmuls (QK^T and PV), 4 * B * H * S^2 * D FLOPs, halved when causal; the backward is five
@@ -34,12 +39,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels.attention_tiles import (DKDV_CANDIDATES, DQ_CANDIDATES, FWD_CANDIDATES, AttentionBlocks,
+                                     default_blocks, head_dim_class)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -63,19 +71,47 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: boo
 
 
 @triton.jit
-def _fwd_key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, start, end, offs_m, offs_n,
-                  seq_len, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+def _load_rows(desc, ptrs, stride_s, off_b, off_h, start, seq_len, BLOCK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of one head as a [BLOCK, HEAD_DIM] tile; rows past the end are 0.
+
+    USE_TMA: a tensor-memory-accelerator copy through a [batch, seq, heads, head_dim] descriptor (it
+    zero-fills past the sequence end by itself). Otherwise `ptrs` points at row 0 of the tile.
+    """
+    if USE_TMA:
+        tile = desc.load([off_b, start, off_h, 0]).reshape(BLOCK, HEAD_DIM)
+    elif MASKED:
+        rows = start + tl.arange(0, BLOCK)
+        tile = tl.load(ptrs + start * stride_s, mask=rows[:, None] < seq_len, other=0.0)
+    else:
+        tile = tl.load(ptrs + start * stride_s)
+    return tile
+
+
+@triton.jit
+def _store_rows(desc, ptrs, stride_s, off_b, off_h, start, seq_len, tile, BLOCK: tl.constexpr,
+                HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store a [BLOCK, HEAD_DIM] tile at rows [start, start + BLOCK); rows past the end are dropped."""
+    if USE_TMA:
+        desc.store([off_b, start, off_h, 0], tile.to(desc.dtype).reshape(1, BLOCK, 1, HEAD_DIM))
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        tl.store(ptrs + start * stride_s, tile.to(ptrs.dtype.element_ty), mask=rows[:, None] < seq_len)
+
+
+@triton.jit
+def _fwd_key_loop(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_ks, stride_vs, off_b,
+                  off_kvh, start, end, offs_m, offs_n, seq_len, qk_scale, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_ptrs + start_n * stride_ks, mask=cols[:, None] < seq_len, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=cols[:, None] < seq_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_ks)
-            v = tl.load(v_ptrs + start_n * stride_vs)
+        k = _load_rows(k_desc, k_ptrs, stride_ks, off_b, off_kvh, start_n, seq_len, BLOCK_N, HEAD_DIM,
+                       MASKED, USE_TMA)
+        v = _load_rows(v_desc, v_ptrs, stride_vs, off_b, off_kvh, start_n, seq_len, BLOCK_N, HEAD_DIM,
+                       MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
+            cols = start_n + offs_n
             keep = cols[None, :] < seq_len
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -90,30 +126,33 @@ def _fwd_key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, start,
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE,
+def _attn_fwd_kernel(Q, K, V, O, LSE, q_desc, k_desc, v_desc, o_desc,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                      num_heads, seq_len, seq_bucket, qk_scale,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                     STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     # Last query tiles first: under causal they carry the most work, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
     off_kvh = off_h // GROUP
+    b64, h64, kvh64 = off_b.to(tl.int64), off_h.to(tl.int64), off_kvh.to(tl.int64)
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seq_len
-
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    # Pointer tiles at row 0 of this head (unused, and compiled away, on the TMA path).
+    rows_m = tl.arange(0, BLOCK_M)
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :]
+    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    q = _load_rows(q_desc, q_ptrs, stride_qs, off_b, off_h, m0, seq_len, BLOCK_M, HEAD_DIM, True,
+                   USE_TMA)
 
     # A finite start keeps exp2(m_i - m_new) at 1 (not NaN) for a row whose first block is all masked.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -123,26 +162,26 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     if CAUSAL:
         # Keys before this query block are all visible; the diagonal blocks need the mask; the
         # blocks above the diagonal are never visited.
-        full_end = start_m * BLOCK_M
+        full_end = m0
         masked_end = tl.minimum(full_end + BLOCK_M, seq_len)
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
-    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, 0, full_end,
-                                  offs_m, offs_n, seq_len, qk_scale, BLOCK_N, False, CAUSAL,
-                                  DOT_PRECISION)
-    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, full_end,
-                                  masked_end, offs_m, offs_n, seq_len, qk_scale, BLOCK_N, True, CAUSAL,
-                                  DOT_PRECISION)
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_ks, stride_vs,
+                                  off_b, off_kvh, 0, full_end, offs_m, offs_n, seq_len, qk_scale, BLOCK_N,
+                                  HEAD_DIM, False, CAUSAL, DOT_PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_ks, stride_vs,
+                                  off_b, off_kvh, full_end, masked_end, offs_m, offs_n, seq_len, qk_scale,
+                                  BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, USE_TMA)
 
     # Rows past the sequence end can have l_i == 0; they are not stored, but must not trap.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + rows_m[:, None] * stride_os + offs_d[None, :]
+    _store_rows(o_desc, o_ptrs, stride_os, off_b, off_h, m0, seq_len, out, BLOCK_M, HEAD_DIM, USE_TMA)
     if STORE_LSE:
         lse = m_i + tl.math.log2(l_safe)
-        tl.store(LSE + off_bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
+        tl.store(LSE + off_bh.to(tl.int64) * seq_len + offs_m, lse, mask=offs_m < seq_len)
 
 
 @triton.jit
@@ -165,9 +204,10 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh,
 
 
 @triton.jit
-def _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
-                     start, end, mask_end, offs_n, seq_len, qk_scale, BLOCK_M: tl.constexpr,
-                     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_query_loop(dk, dv, k, v, q_desc, do_desc, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs,
+                     stride_dos, off_b, off_h, start, end, mask_end, offs_n, seq_len, qk_scale,
+                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     # Works on the transposed scores (keys x queries) so that dK and dV come out as [BLOCK_N, D].
     # Query rows past the sequence end load as zeros with lse = delta = 0: their p is 1 and their
     # dO is 0, so they add exactly nothing.
@@ -175,8 +215,10 @@ def _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_q
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
         row_ok = offs_m < seq_len
-        q = tl.load(q_ptrs + start_m * stride_qs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dos, mask=row_ok[:, None], other=0.0)
+        q = _load_rows(q_desc, q_ptrs, stride_qs, off_b, off_h, start_m, seq_len, BLOCK_M, HEAD_DIM,
+                       True, USE_TMA)
+        do = _load_rows(do_desc, do_ptrs, stride_dos, off_b, off_h, start_m, seq_len, BLOCK_M,
+                        HEAD_DIM, True, USE_TMA)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
@@ -195,66 +237,71 @@ def _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_q
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                          q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc,
                           stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                           stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                           stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                           num_heads, num_kv_heads, seq_len, seq_bucket, qk_scale, softmax_scale,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     start_n = tl.program_id(0)
     off_bkv = tl.program_id(1)
-    off_b = (off_bkv // num_kv_heads).to(tl.int64)
-    off_kvh = (off_bkv % num_kv_heads).to(tl.int64)
+    off_b = off_bkv // num_kv_heads
+    off_kvh = off_bkv % num_kv_heads
+    b64, kvh64 = off_b.to(tl.int64), off_kvh.to(tl.int64)
 
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    key_ok = offs_n < seq_len
+    rows_n = tl.arange(0, BLOCK_N)
     # Key rows past the sequence end load as zeros; their dK / dV rows are computed but not stored.
-    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
+    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + rows_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + kvh64 * stride_vh + rows_n[:, None] * stride_vs + offs_d[None, :]
+    k = _load_rows(k_desc, k_ptrs, stride_ks, off_b, off_kvh, n0, seq_len, BLOCK_N, HEAD_DIM, True,
+                   USE_TMA)
+    v = _load_rows(v_desc, v_ptrs, stride_vs, off_b, off_kvh, n0, seq_len, BLOCK_N, HEAD_DIM, True,
+                   USE_TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     for g in range(GROUP):
         off_h = off_kvh * GROUP + g
-        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m0[:, None] * stride_qs + offs_d[None, :]
-        do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_dos
-                   + offs_d[None, :])
-        row_base = (off_b * num_heads + off_h) * seq_len
+        h64 = off_h.to(tl.int64)
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m0[:, None] * stride_qs + offs_d[None, :]
+        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dos + offs_d[None, :]
+        row_base = (b64 * num_heads + h64) * seq_len
         # Causal: query tiles before this key tile see none of it and are skipped; the tiles
         # overlapping it need the mask; the later ones see all of it.
         start = n0 if CAUSAL else 0
-        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
-                                  stride_qs, stride_dos, start, seq_len, n0 + BLOCK_N, offs_n, seq_len,
-                                  qk_scale, BLOCK_M, CAUSAL, DOT_PRECISION)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_desc, do_desc, q_ptrs, do_ptrs, LSE + row_base,
+                                  DELTA + row_base, stride_qs, stride_dos, off_b, off_h, start, seq_len,
+                                  n0 + BLOCK_N, offs_n, seq_len, qk_scale, BLOCK_M, HEAD_DIM, CAUSAL,
+                                  DOT_PRECISION, USE_TMA)
 
     dk = dk * softmax_scale
-    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+    dk_ptrs = DK + b64 * stride_dkb + kvh64 * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + kvh64 * stride_dvh + rows_n[:, None] * stride_dvs + offs_d[None, :]
+    _store_rows(dk_desc, dk_ptrs, stride_dks, off_b, off_kvh, n0, seq_len, dk, BLOCK_N, HEAD_DIM, USE_TMA)
+    _store_rows(dv_desc, dv_ptrs, stride_dvs, off_b, off_kvh, n0, seq_len, dv, BLOCK_N, HEAD_DIM, USE_TMA)
 
 
 @triton.jit
-def _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, start, end, offs_m,
-                 offs_n, seq_len, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_key_loop(dq, q, do, lse, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_ks, stride_vs, off_b,
+                 off_kvh, start, end, offs_m, offs_n, seq_len, qk_scale, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_ptrs + start_n * stride_ks, mask=cols[:, None] < seq_len, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=cols[:, None] < seq_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_ks)
-            v = tl.load(v_ptrs + start_n * stride_vs)
+        k = _load_rows(k_desc, k_ptrs, stride_ks, off_b, off_kvh, start_n, seq_len, BLOCK_N, HEAD_DIM,
+                       MASKED, USE_TMA)
+        v = _load_rows(v_desc, v_ptrs, stride_vs, off_b, off_kvh, start_n, seq_len, BLOCK_N, HEAD_DIM,
+                       MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
+            cols = start_n + offs_n
             keep = cols[None, :] < seq_len
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -266,158 +313,118 @@ def _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, st
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_desc, k_desc, v_desc, do_desc, dq_desc,
                         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                         stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                         stride_dqb, stride_dqs, stride_dqh,
                         num_heads, seq_len, seq_bucket, qk_scale, softmax_scale,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     # Last query tiles first: under causal they carry the most work, so the short ones fill the tail.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
     off_kvh = off_h // GROUP
+    b64, h64, kvh64 = off_b.to(tl.int64), off_h.to(tl.int64), off_kvh.to(tl.int64)
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = start_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :]
+    do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + rows_m[:, None] * stride_dos + offs_d[None, :]
+    q = _load_rows(q_desc, q_ptrs, stride_qs, off_b, off_h, m0, seq_len, BLOCK_M, HEAD_DIM, True, USE_TMA)
+    do = _load_rows(do_desc, do_ptrs, stride_dos, off_b, off_h, m0, seq_len, BLOCK_M, HEAD_DIM, True,
+                    USE_TMA)
     row_base = off_bh.to(tl.int64) * seq_len
     # Rows past the end get lse = delta = 0 and q = dO = 0: finite values, never stored.
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     if CAUSAL:
-        full_end = start_m * BLOCK_M
+        full_end = m0
         masked_end = tl.minimum(full_end + BLOCK_M, seq_len)
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
-    dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, 0, full_end, offs_m,
-                      offs_n, seq_len, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION)
-    dq = _dq_key_loop(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, full_end, masked_end,
-                      offs_m, offs_n, seq_len, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_ks, stride_vs, off_b,
+                      off_kvh, 0, full_end, offs_m, offs_n, seq_len, qk_scale, BLOCK_N, HEAD_DIM, False,
+                      CAUSAL, DOT_PRECISION, USE_TMA)
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_desc, v_desc, k_ptrs, v_ptrs, stride_ks, stride_vs, off_b,
+                      off_kvh, full_end, masked_end, offs_m, offs_n, seq_len, qk_scale, BLOCK_N, HEAD_DIM,
+                      True, CAUSAL, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :]
+    _store_rows(dq_desc, dq_ptrs, stride_dqs, off_b, off_h, m0, seq_len, dq, BLOCK_M, HEAD_DIM, USE_TMA)
 
 
-# --------------------------------------------------------------------------------------------------
-# Tile sizes
-# --------------------------------------------------------------------------------------------------
+# Descriptors of query-side tensors hold [1, BLOCK_M, 1, HEAD_DIM] tiles, key-side ones BLOCK_N rows.
+_QUERY_SIDE_DESCS = ("q_desc", "o_desc", "do_desc", "dq_desc")
+_KEY_SIDE_DESCS = ("k_desc", "v_desc", "dk_desc", "dv_desc")
 
 
-@dataclass(frozen=True)
-class AttentionBlocks:
-    """Tiles and launch settings: forward (fwd_*), dK/dV (dkdv_*) and dQ (dq_*) kernels.
-
-    ``*_m`` tiles queries and ``*_n`` keys. The diagonal split needs fwd_m and dq_m to be multiples
-    of fwd_n and dq_n, and dkdv_n a multiple of dkdv_m.
-    """
-
-    fwd_m: int
-    fwd_n: int
-    fwd_warps: int
-    fwd_stages: int
-    dkdv_m: int
-    dkdv_n: int
-    dkdv_warps: int
-    dkdv_stages: int
-    dq_m: int
-    dq_n: int
-    dq_warps: int
-    dq_stages: int
-    preprocess_m: int = 64
-
-    def __post_init__(self):
-        tiles = {name: getattr(self, name) for name in
-                 ("fwd_m", "fwd_n", "dkdv_m", "dkdv_n", "dq_m", "dq_n", "preprocess_m")}
-        for name, size in tiles.items():
-            if size < 16 or size & (size - 1):
-                raise ValueError(f"AttentionBlocks.{name}={size}: tiles must be powers of two >= 16")
-        for big, small in (("fwd_m", "fwd_n"), ("dkdv_n", "dkdv_m"), ("dq_m", "dq_n")):
-            if tiles[big] % tiles[small]:
-                raise ValueError(f"AttentionBlocks.{big}={tiles[big]} must be a multiple of "
-                                 f"{small}={tiles[small]} (causal diagonal split)")
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """Give each TMA descriptor the tile shape of the config about to run (a launch pre-hook)."""
+    for name in _QUERY_SIDE_DESCS + _KEY_SIDE_DESCS:
+        desc = nargs.get(name)
+        if isinstance(desc, TensorDescriptor):
+            rows = nargs["BLOCK_M"] if name in _QUERY_SIDE_DESCS else nargs["BLOCK_N"]
+            desc.block_shape = [1, rows, 1, nargs["HEAD_DIM"]]
 
 
-# (block_m, block_n, warps, stages) candidates for CUDA with 16-bit inputs, by head_dim class; the
-# first entry of each list is the default used without tuning. Forward tiles follow the usual Hopper
-# choice (128 queries x 64 keys); the dK/dV pass keeps two [block_n, head_dim] fp32 accumulators in
-# registers, hence 8 warps for 128-key tiles. Every entry compiles for sm_90, but with Triton 3.9's
-# bundled ptxas most of them hit 255 registers and spill (benchmarks/results/kernels.md lists the
-# stack bytes per entry); the tuner has to pick among them on the GPU.
-_FWD_CANDIDATES = {
-    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
-}
-_DKDV_CANDIDATES = {
-    64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
-    128: [(32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
-}
-_DQ_CANDIDATES = {
-    64: [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
-    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
-}
-_INTERPRETER_BLOCKS = AttentionBlocks(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, preprocess_m=16)
-# fp32 (exact, non-TF32 dots) is for testing, not speed: its dots run on FMA units and need many
-# registers, so the tiles are the largest that compile without spills at head_dim 64 and 128.
-_FP32_CUDA_BLOCKS = AttentionBlocks(32, 16, 4, 2, 16, 16, 4, 2, 32, 16, 4, 2)
+# Load paths: "tma" and "pointer" (see _load_rows), or "either", where the tuner times the
+# candidates of both and keeps the fastest (Hopper, when the tensors allow descriptors).
+LOAD_PATHS = ("tma", "pointer", "either")
 
 
-def _head_dim_class(head_dim: int) -> int:
-    return 64 if head_dim <= 64 else 128
+def _configs(candidates: dict, head_dim_cls: int, path: str) -> list:
+    configs = []
+    for use_tma in {"tma": (True,), "pointer": (False,), "either": (True, False)}[path]:
+        configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w,
+                                  num_stages=s, pre_hook=_set_descriptor_blocks)
+                    for m, n, w, s in candidates[(head_dim_cls, use_tma)]]
+    return configs
 
 
-def default_blocks(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> AttentionBlocks:
-    """Untuned tiles: small ones for the CPU interpreter, H100-oriented ones on CUDA."""
-    if torch.device(device).type != "cuda":
-        return _INTERPRETER_BLOCKS
-    if dtype == torch.float32:
-        return _FP32_CUDA_BLOCKS
-    cls = _head_dim_class(head_dim)
-    f, kv, dq = _FWD_CANDIDATES[cls][0], _DKDV_CANDIDATES[cls][0], _DQ_CANDIDATES[cls][0]
-    return AttentionBlocks(*f, *kv, *dq)
+def _tuners(kernel, candidates: dict) -> dict:
+    # Tuned per power-of-two sequence bucket (not the exact length, so varying lengths reuse a
+    # choice). Every kernel overwrites its outputs completely, so re-running it while tuning is
+    # harmless.
+    key = ["seq_bucket", "HEAD_DIM", "CAUSAL", "GROUP"]
+    return {(cls, path): triton.autotune(_configs(candidates, cls, path), key=key)(kernel)
+            for cls in (64, 128) for path in LOAD_PATHS}
 
 
-def _configs(candidates):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in candidates]
+_FWD_TUNED = _tuners(_attn_fwd_kernel, FWD_CANDIDATES)
+_DKDV_TUNED = _tuners(_attn_bwd_dkdv_kernel, DKDV_CANDIDATES)
+_DQ_TUNED = _tuners(_attn_bwd_dq_kernel, DQ_CANDIDATES)
 
 
-# Tuned per power-of-two sequence bucket (not the exact length, so varying lengths reuse a choice).
-# Every kernel overwrites its outputs completely, so re-running it while tuning is harmless.
-_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "GROUP"]
-_FWD_TUNED = {c: triton.autotune(_configs(v), key=_TUNE_KEY)(_attn_fwd_kernel)
-              for c, v in _FWD_CANDIDATES.items()}
-_DKDV_TUNED = {c: triton.autotune(_configs(v), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
-               for c, v in _DKDV_CANDIDATES.items()}
-_DQ_TUNED = {c: triton.autotune(_configs(v), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
-             for c, v in _DQ_CANDIDATES.items()}
-
-
-def _launch(kernel, tuned, blocks: AttentionBlocks | None, tiles, grid_rows, grid_cols, args, kwargs):
-    """Launch with explicit tiles, or through the autotuner when blocks is None."""
+def _launch(kernel, tuners: dict, blocks: AttentionBlocks | None, path: str, tiles, grid_rows,
+            grid_cols, args, kwargs):
+    """Launch with explicit tiles on the "tma" or "pointer" path, or through the path's autotuner
+    when blocks is None."""
     if blocks is None:
         grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M" if tiles == "m" else "BLOCK_N"]),
                              grid_cols)
-        tuned[grid](*args, **kwargs)
+        tuners[(head_dim_class(kwargs["HEAD_DIM"]), path)][grid](*args, **kwargs)
         return
     block_m, block_n, warps, stages = _tiles_for(blocks, kernel)
     tile = block_m if tiles == "m" else block_n
+    _set_descriptor_blocks({**dict(zip(kernel.arg_names, args)), **kwargs,
+                            "BLOCK_M": block_m, "BLOCK_N": block_n})
     kernel[(triton.cdiv(grid_rows, tile), grid_cols)](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                      num_warps=warps, num_stages=stages)
+                                                      USE_TMA=path == "tma", num_warps=warps,
+                                                      num_stages=stages)
 
 
 def _tiles_for(blocks: AttentionBlocks, kernel) -> tuple[int, int, int, int]:
@@ -486,35 +493,75 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tuned_or_none(blocks: AttentionBlocks | None, q: torch.Tensor) -> AttentionBlocks | None:
+def _tuned_or_none(blocks: AttentionBlocks | None, q: torch.Tensor,
+                   path: str) -> AttentionBlocks | None:
     """None means 'autotune' and is only kept for CUDA with 16-bit inputs."""
     if blocks is not None:
         return blocks
     if q.device.type == "cuda" and q.dtype != torch.float32:
         return None
-    return default_blocks(q.shape[-1], q.dtype, q.device)
+    return default_blocks(q.shape[-1], q.dtype, q.device, use_tma=path == "tma")
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte-aligned base, 16-byte-multiple strides and a unit last stride."""
+    size = t.element_size()
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+
+
+def _tma_hardware(device: torch.device) -> bool:
+    """Tensor-memory-accelerator copies exist from compute capability 9.0 (Hopper) on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _load_path(use_tma: bool | None, blocks: AttentionBlocks | None, q, k, v) -> str:
+    """One of LOAD_PATHS for flash_attention's use_tma argument (see its doc)."""
+    addressable = all(_tma_addressable(t) for t in (q, k, v))
+    if use_tma is None:  # fp32 is the exact testing path: it keeps the pointer loads
+        if not (addressable and _tma_hardware(q.device) and q.dtype != torch.float32):
+            return "pointer"
+        return "either" if blocks is None else "tma"
+    if not use_tma:
+        return "pointer"
+    if q.device.type == "cuda" and not _tma_hardware(q.device):
+        raise ValueError(f"flash_attention: use_tma=True needs compute capability >= 9.0; "
+                         f"{torch.cuda.get_device_name(q.device)} has "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(q.device)))}")
+    if not addressable:
+        raise ValueError("flash_attention: use_tma=True needs q, k, v with 16-byte-aligned data "
+                         "pointers and strides (pass contiguous tensors, or use_tma=None)")
+    return "tma"
+
+
+def _descriptors(path: str, *tensors: torch.Tensor) -> tuple:
+    """[batch, seq, heads, head_dim] TMA descriptors (tile shapes set at launch), or Nones."""
+    if path == "pointer":
+        return (None,) * len(tensors)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, t.shape[-1]])
+                 for t in tensors)
 
 
 def _forward(q, k, v, causal: bool, softmax_scale: float, blocks: AttentionBlocks | None,
-             store_lse: bool):
+             store_lse: bool, path: str):
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     out = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if store_lse else None
     if out.numel() == 0:
         return out, lse
-    blocks = _tuned_or_none(blocks, q)
-    args = (q, k, v, out, lse if store_lse else out, *_strides3(q), *_strides3(k), *_strides3(v),
-            *_strides3(out), heads, seq, triton.next_power_of_2(seq), softmax_scale * LOG2E)
+    blocks = _tuned_or_none(blocks, q, path)
+    args = (q, k, v, out, lse if store_lse else out, *_descriptors(path, q, k, v, out),
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), heads, seq,
+            triton.next_power_of_2(seq), softmax_scale * LOG2E)
     kwargs = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal), STORE_LSE=store_lse,
                   DOT_PRECISION=_dot_precision(q.dtype))
-    _launch(_attn_fwd_kernel, _FWD_TUNED[_head_dim_class(head_dim)], blocks, "m", seq, batch * heads,
-            args, kwargs)
+    _launch(_attn_fwd_kernel, _FWD_TUNED, blocks, path, "m", seq, batch * heads, args, kwargs)
     return out, lse
 
 
 def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
-              blocks: AttentionBlocks | None):
+              blocks: AttentionBlocks | None, path: str):
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     dq = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -523,9 +570,11 @@ def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
     if dq.numel() == 0:
         return dq, dk, dv
     do = _head_dim_major(do)
-    blocks = _tuned_or_none(blocks, q)
+    if path != "pointer" and not _tma_addressable(do):
+        do = do.contiguous()
+    blocks = _tuned_or_none(blocks, q, path)
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
-    pre_m = (blocks or default_blocks(head_dim, q.dtype, q.device)).preprocess_m
+    pre_m = (blocks or AttentionBlocks).preprocess_m
     _attn_bwd_preprocess_kernel[(triton.cdiv(seq, pre_m), batch * heads)](
         out, do, delta, *_strides3(out), *_strides3(do), heads, seq, HEAD_DIM=head_dim, BLOCK_M=pre_m)
 
@@ -533,42 +582,48 @@ def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
     common = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal),
                   DOT_PRECISION=_dot_precision(q.dtype))
     seq_bucket = triton.next_power_of_2(seq)
-    cls = _head_dim_class(head_dim)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *_strides3(q), *_strides3(k), *_strides3(v),
-                 *_strides3(do), *_strides3(dk), *_strides3(dv), heads, kv_heads, seq, seq_bucket,
-                 qk_scale, softmax_scale)
-    _launch(_attn_bwd_dkdv_kernel, _DKDV_TUNED[cls], blocks, "n", seq, batch * kv_heads, dkdv_args,
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *_descriptors(path, q, k, v, do, dk, dv),
+                 *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
+                 *_strides3(dv), heads, kv_heads, seq, seq_bucket, qk_scale, softmax_scale)
+    _launch(_attn_bwd_dkdv_kernel, _DKDV_TUNED, blocks, path, "n", seq, batch * kv_heads, dkdv_args,
             common)
-    dq_args = (q, k, v, do, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),
-               *_strides3(do), *_strides3(dq), heads, seq, seq_bucket, qk_scale, softmax_scale)
-    _launch(_attn_bwd_dq_kernel, _DQ_TUNED[cls], blocks, "m", seq, batch * heads, dq_args, common)
+    dq_args = (q, k, v, do, lse, delta, dq, *_descriptors(path, q, k, v, do, dq), *_strides3(q),
+               *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), heads, seq, seq_bucket,
+               qk_scale, softmax_scale)
+    _launch(_attn_bwd_dq_kernel, _DQ_TUNED, blocks, path, "m", seq, batch * heads, dq_args, common)
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, blocks):
-        out, lse = _forward(q, k, v, causal, softmax_scale, blocks, store_lse=True)
+    def forward(ctx, q, k, v, causal, softmax_scale, blocks, path):
+        out, lse = _forward(q, k, v, causal, softmax_scale, blocks, store_lse=True, path=path)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.blocks = causal, softmax_scale, blocks
+        ctx.causal, ctx.softmax_scale, ctx.blocks, ctx.path = causal, softmax_scale, blocks, path
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.blocks)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.blocks,
+                               ctx.path)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: float | None = None, *,
-                    blocks: AttentionBlocks | None = None) -> torch.Tensor:
+                    softmax_scale: float | None = None, *, blocks: AttentionBlocks | None = None,
+                    use_tma: bool | None = None) -> torch.Tensor:
     """Scaled dot-product attention, [batch, seq, heads, head_dim] in and out (see module doc).
 
     softmax_scale defaults to 1/sqrt(head_dim). blocks=None tunes tiles on CUDA (16-bit inputs)
     and uses fixed ones elsewhere. Without autograd (torch.no_grad, or no input requiring grad)
     nothing is kept for a backward.
+
+    use_tma: None on a Hopper or newer GPU, with 16-bit tensors whose base and strides are 16-byte
+    aligned, lets the tuner time both load paths (TMA descriptors and pointer loads) and keep the
+    faster, or takes TMA with explicit blocks; elsewhere pointer loads. True requires TMA (an error
+    where it cannot be used), False never uses it.
     """
     _check_inputs(q, k, v)
     head_dim = q.shape[-1]
@@ -576,9 +631,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
     q, k, v = _head_dim_major(q), _head_dim_major(k), _head_dim_major(v)
+    path = _load_path(use_tma, blocks, q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttention.apply(q, k, v, bool(causal), scale, blocks)
-    out, _ = _forward(q, k, v, bool(causal), scale, blocks, store_lse=False)
+        return _FlashAttention.apply(q, k, v, bool(causal), scale, blocks, path)
+    out, _ = _forward(q, k, v, bool(causal), scale, blocks, store_lse=False, path=path)
     return out
 
 

@@ -4,6 +4,7 @@ On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_
 16-wide tiles, in fp32 and fp16 (the interpreter's bf16 dot is wrong), on tiny shapes. On CUDA the
 `gpu` tests apply flash-attention's accuracy rule in bf16 and fp16 at realistic lengths.
 """
+import json
 import math
 import os
 import subprocess
@@ -14,9 +15,6 @@ import pytest
 import torch
 
 from kernels.attention import (
-    _DKDV_CANDIDATES,
-    _DQ_CANDIDATES,
-    _FWD_CANDIDATES,
     AttentionBlocks,
     _forward,
     attention_flops,
@@ -24,6 +22,7 @@ from kernels.attention import (
     default_blocks,
     flash_attention,
 )
+from kernels.attention_tiles import DKDV_CANDIDATES, DQ_CANDIDATES, FWD_CANDIDATES
 
 from kernel_marks import INTERPRETER_ONLY
 
@@ -59,10 +58,11 @@ def _assert_close(name, got, want, dtype):
 
 
 def _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype, blocks=None,
-                             softmax_scale=None):
+                             softmax_scale=None, use_tma=None):
     q, k, v = _inputs(batch, seq, heads, kv_heads, head_dim, dtype)
     dout = torch.randn(batch, seq, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
-    got = _run(flash_attention, q, k, v, dout, causal=causal, softmax_scale=softmax_scale, blocks=blocks)
+    got = _run(flash_attention, q, k, v, dout, causal=causal, softmax_scale=softmax_scale, blocks=blocks,
+               use_tma=use_tma)
     want = _reference(q, k, v, dout, causal, softmax_scale)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
@@ -103,6 +103,71 @@ def test_wide_tiles_match_reference(seq, causal, dtype):
     _check_against_reference(1, seq, 4, 2, 16, causal, dtype, blocks=WIDE_BLOCKS)
 
 
+# The TMA path (descriptor loads, zero fill and clipped stores past the sequence end) in the
+# interpreter, which applies the descriptors' bounds the way the copy engine does.
+TMA_CASES = [(1, 17, 2, 2, 16, True, torch.float32), (2, 33, 4, 1, 32, False, torch.float16),
+             (1, 50, 8, 2, 16, True, torch.float16), (1, 1, 4, 2, 16, True, torch.float32)]
+
+
+@pytest.mark.triton
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim,causal,dtype", TMA_CASES)
+def test_tma_descriptor_path_matches_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype):
+    _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype, use_tma=True)
+    _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype, use_tma=True,
+                             blocks=WIDE_BLOCKS)
+
+
+@pytest.mark.triton
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("head_dim,seq,causal", [(64, 150, True), (128, 100, False)])
+def test_tuner_candidates_of_both_load_paths_are_correct(head_dim, seq, causal, monkeypatch):
+    """The CUDA tuners (path "either": TMA and pointer candidates) driven in the interpreter: each
+    candidate writes every output element (outputs are NaN-poisoned first) and matches fp32."""
+    import kernels.attention as A
+
+    q, k, v = (t.detach() for t in _inputs(1, seq, 4, 2, head_dim, torch.float16))
+    dout = torch.randn(1, seq, 4, head_dim, generator=torch.Generator().manual_seed(1)).half()
+    want_out, want_dq, want_dk, want_dv = _reference(q, k, v, dout, causal)
+    checked = []
+
+    def checking_bench(tuner, name, want):
+        def bench(kernel_call, quantiles):
+            out = tuner.nargs[name]
+            out.fill_(float("nan"))
+            kernel_call()
+            checked.append(name)
+            _assert_close(f"{name} ({tuner.nargs.get('q_desc') is not None})", out, want, torch.float16)
+            return [1.0] * len(quantiles)
+        return bench
+
+    cls = 64 if head_dim <= 64 else 128
+    tuners = ((A._FWD_TUNED, "O", want_out), (A._DKDV_TUNED, "DK", want_dk), (A._DQ_TUNED, "DQ", want_dq))
+    for table, name, want in tuners:
+        tuner = table[(cls, "either")]
+        monkeypatch.setattr(tuner, "cache", {})
+        monkeypatch.setitem(tuner.__dict__, "do_bench", checking_bench(tuner, name, want))
+    monkeypatch.setattr(A, "_tuned_or_none", lambda blocks, q, path: blocks)  # tune on CPU too
+    out, lse = A._forward(q, k, v, causal, 1 / math.sqrt(head_dim), None, True, "either")
+    dq, dk, dv = A._backward(dout, q, k, v, out, lse, causal, 1 / math.sqrt(head_dim), None, "either")
+    for name, candidates in (("O", FWD_CANDIDATES), ("DK", DKDV_CANDIDATES), ("DQ", DQ_CANDIDATES)):
+        assert checked.count(name) == len(candidates[(cls, True)]) + len(candidates[(cls, False)])
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
+                               (want_out, want_dq, want_dk, want_dv)):
+        _assert_close(f"tuned {name}", got, want, torch.float16)
+
+
+@pytest.mark.triton
+@INTERPRETER_ONLY
+def test_tma_refuses_unaligned_tensors():
+    q, k, v = _inputs(1, 17, 2, 2, 16, torch.float16)
+    q_odd = torch.zeros(1 * 17 * 2 * 16 + 1, dtype=torch.float16)[1:].view(1, 17, 2, 16)
+    with pytest.raises(ValueError, match="16-byte-aligned"):
+        flash_attention(q_odd, k.detach(), v.detach(), use_tma=True)
+    # Automatic choice on CPU: pointer loads, no error.
+    flash_attention(q_odd, k.detach(), v.detach())
+
+
 @pytest.mark.triton
 @INTERPRETER_ONLY
 @pytest.mark.parametrize("causal", [True, False])
@@ -117,7 +182,7 @@ def test_saved_log_sum_exp(causal):
     """The saved statistic is the base-2 log-sum-exp of the scaled scores, per (batch, head, row)."""
     q, k, v = (t.detach() for t in _inputs(2, 33, 4, 2, 16, torch.float32))
     scale = 0.3
-    _, lse = _forward(q, k, v, causal, scale, None, store_lse=True)
+    _, lse = _forward(q, k, v, causal, scale, None, store_lse=True, path="pointer")
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2)) * scale
     if causal:
         scores = scores.masked_fill(torch.ones(33, 33, dtype=torch.bool).triu(1), float("-inf"))
@@ -310,12 +375,18 @@ def test_gpu_every_candidate_tile_is_correct(head_dim, causal):
     dout = torch.randn(2, 777, 8, head_dim, device="cuda", dtype=torch.float16)
     want = _reference(q, k, v, dout, causal)
     baseline = _errors(_run(attention_reference, q, k, v, dout, causal=causal, upcast=False), want)
-    fwd, dkdv, dq = _FWD_CANDIDATES[cls], _DKDV_CANDIDATES[cls], _DQ_CANDIDATES[cls]
-    for i in range(max(len(fwd), len(dkdv), len(dq))):
-        blocks = AttentionBlocks(*fwd[i % len(fwd)], *dkdv[i % len(dkdv)], *dq[i % len(dq)])
-        errors = _errors(_run(flash_attention, q, k, v, dout, causal=causal, blocks=blocks), want)
-        for name, factor, e_ours, e_theirs in zip(("out", "dq", "dk", "dv"), (2, 3, 3, 3), errors, baseline):
-            assert e_ours <= factor * e_theirs + 1e-6, f"{blocks}: {name} error {e_ours:.3e} vs {e_theirs:.3e}"
+    paths = (False, True) if torch.cuda.get_device_capability()[0] >= 9 else (False,)
+    for use_tma in paths:
+        key = (cls, use_tma)
+        fwd, dkdv, dq = FWD_CANDIDATES[key], DKDV_CANDIDATES[key], DQ_CANDIDATES[key]
+        for i in range(max(len(fwd), len(dkdv), len(dq))):
+            blocks = AttentionBlocks(*fwd[i % len(fwd)], *dkdv[i % len(dkdv)], *dq[i % len(dq)])
+            errors = _errors(_run(flash_attention, q, k, v, dout, causal=causal, blocks=blocks,
+                                  use_tma=use_tma), want)
+            for name, factor, e_ours, e_theirs in zip(("out", "dq", "dk", "dv"), (2, 3, 3, 3), errors,
+                                                      baseline):
+                assert e_ours <= factor * e_theirs + 1e-6, (
+                    f"{blocks} tma={use_tma}: {name} error {e_ours:.3e} vs {e_theirs:.3e}")
 
 
 @pytest.mark.gpu
@@ -337,48 +408,39 @@ def test_gpu_deterministic_and_inference():
 
 
 @pytest.mark.triton
-def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    """The interpreter never compiles: build the default bf16 tiles (head_dim 128, GQA 4, causal and
-    not) for sm_90 with Triton's bundled ptxas, in a fresh process without TRITON_INTERPRET."""
+def test_default_tiles_compile_for_hopper_without_spills(tmp_path):
+    """The interpreter never compiles: build the default bf16 tiles (head_dim 64 and 128, GQA 4,
+    causal and not, TMA and pointer loads) for sm_90 with Triton's bundled ptxas, in a fresh process
+    without TRITON_INTERPRET, and read the resource report: no stack frame (no register spills),
+    wgmma tensor-core instructions, and TMA copies on the TMA path."""
     script = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import kernels.attention as A
-
-blocks = A.default_blocks(128, __import__("torch").bfloat16, "cuda")
-launches = [
-    (A._attn_fwd_kernel, dict(STORE_LSE=True), A._tiles_for(blocks, A._attn_fwd_kernel)),
-    (A._attn_bwd_dkdv_kernel, {}, A._tiles_for(blocks, A._attn_bwd_dkdv_kernel)),
-    (A._attn_bwd_dq_kernel, {}, A._tiles_for(blocks, A._attn_bwd_dq_kernel)),
-    (A._attn_bwd_preprocess_kernel, None, (blocks.preprocess_m, None, 4, 1)),
-]
-for causal, (fn, extra, (block_m, block_n, warps, stages)) in (
-        (c, launch) for c in (True, False) for launch in launches if c or launch[1] is not None):
-    if extra is None:
-        constexprs = dict(HEAD_DIM=128, BLOCK_M=block_m)
-    else:
-        constexprs = dict(GROUP=4, HEAD_DIM=128, CAUSAL=causal, DOT_PRECISION="tf32", BLOCK_M=block_m,
-                          BLOCK_N=block_n, **extra)
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.isupper():
-            signature[name] = "*fp32" if name in ("LSE", "DELTA") else "*bf16"
-        else:
-            signature[name] = "fp32" if name.endswith("scale") else "i32"
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
-    assert kernel.asm["cubin"], fn.__name__
-    print(fn.__name__, "ok")
+import json, sys
+sys.argv = ["kernel_resources"]
+import runpy
+tool = runpy.run_path("tools/kernel_resources.py", run_name="kernel_resources")
+for kernel in ("fwd", "dkdv", "dq"):
+    for head_dim in (64, 128):
+        for use_tma in (True, False):
+            key = (head_dim, use_tma)
+            config = tool["CANDIDATES"][kernel][key][0]
+            for causal in (True, False):
+                r = tool["resources"](tool["compile_attention"](kernel, "bf16", head_dim, causal, 4,
+                                                                config, use_tma))
+                print(json.dumps(dict(kernel=kernel, head_dim=head_dim, use_tma=use_tma, causal=causal,
+                                      config=config, **vars(r))))
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root)
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=400, cwd=root)
     if result.returncode and ("ptxas" in result.stderr and "not found" in result.stderr):
         pytest.skip("Triton's NVIDIA backend (ptxas) is not available here")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(" ok") == 7
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 24
+    for row in rows:
+        assert row["stack"] == 0, f"register spills: {row}"
+        assert row["wgmma"] > 0, f"no wgmma tensor-core instructions: {row}"
+        assert (row["tma_copies"] > 0) == row["use_tma"], f"TMA copies only and always on the TMA path: {row}"

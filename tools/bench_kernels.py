@@ -264,6 +264,10 @@ def attention_impls(bench: Bench) -> dict:
         attention = importlib.import_module("kernels.attention")
         impls["triton"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(
             q, k, v, causal=c, softmax_scale=s), "")
+        if bench.device.type == "cuda" and torch.cuda.get_device_capability(bench.device)[0] >= 9:
+            # "triton" loads tiles through TMA descriptors here; time the pointer loads as well.
+            impls["triton pointer"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(
+                q, k, v, causal=c, softmax_scale=s, use_tma=False), "pointer loads instead of TMA")
     except Exception as e:
         bench.say(f"attention: kernels.attention unavailable ({type(e).__name__}: {e}); "
                   "its rows are skipped")

@@ -1,0 +1,94 @@
+"""Tile sizes for kernels/attention.py: the AttentionBlocks record, the CUDA tile candidates the
+autotuner chooses from, and the untuned defaults.
+
+Candidates are (block_m, block_n, warps, stages), per head_dim class (64: head_dim <= 64, else 128)
+and load path (TMA descriptors on Hopper and newer, pointer loads elsewhere); the first entry of each
+list is the default used without tuning. Every entry compiles for sm_90 with Triton's bundled ptxas
+without register spills (no stack frame) when launched with 16-byte-aligned tensors, as
+`python tools/kernel_resources.py` reports and benchmarks/results/kernels.md records; spilling tiles
+were dropped from the lists. Which one is fastest is for the tuner to measure on the GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionBlocks:
+    """Tiles and launch settings: forward (fwd_*), dK/dV (dkdv_*) and dQ (dq_*) kernels.
+
+    ``*_m`` tiles queries and ``*_n`` keys. The diagonal split needs fwd_m and dq_m to be multiples
+    of fwd_n and dq_n, and dkdv_n a multiple of dkdv_m.
+    """
+
+    fwd_m: int
+    fwd_n: int
+    fwd_warps: int
+    fwd_stages: int
+    dkdv_m: int
+    dkdv_n: int
+    dkdv_warps: int
+    dkdv_stages: int
+    dq_m: int
+    dq_n: int
+    dq_warps: int
+    dq_stages: int
+    preprocess_m: int = 64
+
+    def __post_init__(self):
+        tiles = {name: getattr(self, name) for name in
+                 ("fwd_m", "fwd_n", "dkdv_m", "dkdv_n", "dq_m", "dq_n", "preprocess_m")}
+        for name, size in tiles.items():
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"AttentionBlocks.{name}={size}: tiles must be powers of two >= 16")
+        for big, small in (("fwd_m", "fwd_n"), ("dkdv_n", "dkdv_m"), ("dq_m", "dq_n")):
+            if tiles[big] % tiles[small]:
+                raise ValueError(f"AttentionBlocks.{big}={tiles[big]} must be a multiple of "
+                                 f"{small}={tiles[small]} (causal diagonal split)")
+
+
+POINTER, TMA = False, True
+
+# Forward tiles follow the usual Hopper choice (128 queries x 64 keys). The dK/dV pass keeps two
+# [block_n, head_dim] fp32 accumulators in registers: with TMA loads at head_dim 128, 32 x 128 tiles
+# spill (120 stack bytes), so that path starts from 32 x 64.
+FWD_CANDIDATES = {
+    (64, POINTER): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    (64, TMA): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    (128, POINTER): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
+    (128, TMA): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                 (128, 32, 8, 4)],
+}
+DKDV_CANDIDATES = {
+    (64, POINTER): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
+    (64, TMA): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+    (128, POINTER): [(32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
+    (128, TMA): [(32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 8, 4), (16, 64, 4, 3)],
+}
+DQ_CANDIDATES = {
+    (64, POINTER): [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+    (64, TMA): [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+    (128, POINTER): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+    (128, TMA): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+}
+INTERPRETER_BLOCKS = AttentionBlocks(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, preprocess_m=16)
+# fp32 (exact, non-TF32 dots) is for testing, not speed: its dots run on FMA units and need many
+# registers, so the tiles are small.
+FP32_CUDA_BLOCKS = AttentionBlocks(32, 16, 4, 2, 16, 16, 4, 2, 32, 16, 4, 2)
+
+
+def head_dim_class(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128
+
+
+def default_blocks(head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                   use_tma: bool = False) -> AttentionBlocks:
+    """Untuned tiles: small ones for the CPU interpreter, the first candidates on CUDA."""
+    if torch.device(device).type != "cuda":
+        return INTERPRETER_BLOCKS
+    if dtype == torch.float32:
+        return FP32_CUDA_BLOCKS
+    key = (head_dim_class(head_dim), bool(use_tma))
+    return AttentionBlocks(*FWD_CANDIDATES[key][0], *DKDV_CANDIDATES[key][0], *DQ_CANDIDATES[key][0])

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Compile the attention kernels for a GPU target without a GPU and report their resource use.
+
+    python tools/kernel_resources.py                      # every tile candidate, sm_90, bf16
+    python tools/kernel_resources.py --defaults --head-dim 128 --sm 80
+
+For each kernel and tile configuration it prints registers per thread, stack bytes (non-zero means
+register spills to local memory), shared memory per program, and how many wgmma (Hopper tensor-core)
+and TMA (bulk tensor copy) instructions the PTX holds. Triton compiles with its bundled ptxas, so the
+numbers are the ones a GPU with this Triton would run; no CUDA device or driver is needed.
+
+Pointer arguments, sizes and strides get the divisibility-16 attributes a real launch with
+contiguous 16-bit tensors and 16-multiple sizes would give them; descriptors get the tile shapes of
+the configuration, as the launch pre-hook sets them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real; the interpreter never compiles
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels.attention as A  # noqa: E402
+import kernels.attention_tiles as T  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+KERNELS = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
+CANDIDATES = {"fwd": T.FWD_CANDIDATES, "dkdv": T.DKDV_CANDIDATES, "dq": T.DQ_CANDIDATES}
+FP32_POINTERS = ("LSE", "DELTA")
+
+
+@dataclass
+class Resources:
+    registers: int
+    stack: int
+    shared: int
+    wgmma: int
+    tma_copies: int
+
+
+def _signature(fn, dtype: str, constexprs: dict, tiles: tuple[int, int], head_dim: int, use_tma: bool):
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_desc"):
+            if use_tma:
+                rows = tiles[0] if name in A._QUERY_SIDE_DESCS else tiles[1]
+                signature[name] = f"tensordesc<{dtype}[1,{rows},1,{head_dim}]>"
+            else:
+                signature[name] = "constexpr"
+                constexprs[name] = None
+        elif name.isupper():
+            signature[name] = "*" + ("fp32" if name in FP32_POINTERS else dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.endswith("scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride") or name == "seq_len":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def compile_attention(kernel: str, dtype: str, head_dim: int, causal: bool, group: int,
+                      config: tuple[int, int, int, int], use_tma: bool, sm: int = 90):
+    """Compile one attention kernel for compute capability `sm`; returns Triton's compiled kernel."""
+    fn = KERNELS[kernel]
+    block_m, block_n, warps, stages = config
+    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, USE_TMA=use_tma,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m,
+                      BLOCK_N=block_n)
+    if kernel == "fwd":
+        constexprs["STORE_LSE"] = True
+    signature, attrs = _signature(fn, dtype, constexprs, (block_m, block_n), head_dim, use_tma)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", sm, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def resources(compiled) -> Resources:
+    """Registers and stack from cuobjdump's resource report; instruction counts from the PTX."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                                text=True, check=True).stdout
+    fields = {}
+    for line in report.splitlines():
+        if "REG:" in line:
+            for item in line.split():
+                if ":" in item:
+                    key, _, value = item.partition(":")
+                    fields[key] = value
+    ptx = compiled.asm["ptx"]
+    return Resources(registers=int(fields["REG"]), stack=int(fields["STACK"]),
+                     shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                     tma_copies=ptx.count("cp.async.bulk.tensor"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sm", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    parser.add_argument("--group", type=int, default=4, help="query heads per kv head")
+    parser.add_argument("--defaults", action="store_true", help="only the untuned default tiles")
+    parser.add_argument("--path", choices=("tma", "pointer", "both"), default="both",
+                        help="TMA descriptors (sm_90+) or pointer loads")
+    args = parser.parse_args(argv)
+    if not os.path.exists(CUOBJDUMP):
+        sys.exit(f"kernel_resources: Triton's cuobjdump is missing ({CUOBJDUMP})")
+
+    paths = {"tma": [True], "pointer": [False], "both": [True, False]}[args.path]
+    if args.sm < 90 and True in paths:
+        paths = [False]
+    print(f"triton {triton.__version__}, target sm_{args.sm}, {args.dtype}, GQA group {args.group}")
+    print(f"{'kernel':6} {'path':7} {'d':>3} {'causal':6} {'tiles':9} {'warps':>5} {'stages':>6} "
+          f"{'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'tma':>3}")
+    for kernel in args.kernels:
+        for head_dim in args.head_dim:
+            for use_tma in paths:
+                configs = CANDIDATES[kernel][(T.head_dim_class(head_dim), use_tma)]
+                for config in configs[:1] if args.defaults else configs:
+                    for causal in (True, False):
+                        try:
+                            r = resources(compile_attention(kernel, args.dtype, head_dim, causal,
+                                                            args.group, config, use_tma, args.sm))
+                            cells = (f"{r.registers:4d} {r.stack:5d} {r.shared:6d} {r.wgmma:5d} "
+                                     f"{r.tma_copies:3d}")
+                        except Exception as e:  # report and go on: one bad tile must not hide the rest
+                            cells = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                        m, n, w, s = config
+                        print(f"{kernel:6} {'tma' if use_tma else 'pointer':7} {head_dim:3d} "
+                              f"{str(causal):6} {f'{m}x{n}':9} {w:5d} {s:6d} {cells}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
