@@ -381,17 +381,20 @@ def _set_descriptor_blocks(nargs: dict) -> None:
             desc.block_shape = [1, rows, 1, nargs["HEAD_DIM"]]
 
 
-# Load paths: "tma" and "pointer" (see _load_rows), or "either", where the tuner times the
-# candidates of both and keeps the fastest (Hopper, when the tensors allow descriptors).
-LOAD_PATHS = ("tma", "pointer", "either")
+# Load paths: "tma" and "pointer" on Hopper (see _load_rows), "either" where the tuner times the
+# candidates of both and keeps the fastest (Hopper, when the tensors allow descriptors), and
+# "ampere", pointer loads with the tiles of compute capability 8.x.
+LOAD_PATHS = ("tma", "pointer", "either", "ampere")
+_TILE_KINDS_OF_PATH = {"tma": ("tma",), "pointer": ("pointer",), "either": ("tma", "pointer"),
+                       "ampere": ("ampere",)}
 
 
 def _configs(candidates: dict, head_dim_cls: int, path: str) -> list:
     configs = []
-    for use_tma in {"tma": (True,), "pointer": (False,), "either": (True, False)}[path]:
-        configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w,
+    for kind in _TILE_KINDS_OF_PATH[path]:
+        configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": kind == "tma"}, num_warps=w,
                                   num_stages=s, pre_hook=_set_descriptor_blocks)
-                    for m, n, w, s in candidates[(head_dim_cls, use_tma)]]
+                    for m, n, w, s in candidates[(head_dim_cls, kind)]]
     return configs
 
 
@@ -518,6 +521,8 @@ def _tma_hardware(device: torch.device) -> bool:
 def _load_path(use_tma: bool | None, blocks: AttentionBlocks | None, q, k, v) -> str:
     """One of LOAD_PATHS for flash_attention's use_tma argument (see its doc)."""
     addressable = all(_tma_addressable(t) for t in (q, k, v))
+    if q.device.type == "cuda" and not _tma_hardware(q.device) and not use_tma:
+        return "ampere"
     if use_tma is None:  # fp32 is the exact testing path: it keeps the pointer loads
         if not (addressable and _tma_hardware(q.device) and q.dtype != torch.float32):
             return "pointer"
@@ -536,7 +541,7 @@ def _load_path(use_tma: bool | None, blocks: AttentionBlocks | None, q, k, v) ->
 
 def _descriptors(path: str, *tensors: torch.Tensor) -> tuple:
     """[batch, seq, heads, head_dim] TMA descriptors (tile shapes set at launch), or Nones."""
-    if path == "pointer":
+    if path not in ("tma", "either"):
         return (None,) * len(tensors)
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, t.shape[-1]])
                  for t in tensors)
@@ -570,7 +575,7 @@ def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
     if dq.numel() == 0:
         return dq, dk, dv
     do = _head_dim_major(do)
-    if path != "pointer" and not _tma_addressable(do):
+    if path in ("tma", "either") and not _tma_addressable(do):
         do = do.contiguous()
     blocks = _tuned_or_none(blocks, q, path)
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)

@@ -2,11 +2,12 @@
 autotuner chooses from, and the untuned defaults.
 
 Candidates are (block_m, block_n, warps, stages), per head_dim class (64: head_dim <= 64, else 128)
-and load path (TMA descriptors on Hopper and newer, pointer loads elsewhere); the first entry of each
-list is the default used without tuning. Every entry compiles for sm_90 with Triton's bundled ptxas
-without register spills (no stack frame) when launched with 16-byte-aligned tensors, as
-`python tools/kernel_resources.py` reports and benchmarks/results/kernels.md records; spilling tiles
-were dropped from the lists. Which one is fastest is for the tuner to measure on the GPU.
+and kind (Hopper with TMA descriptor loads, Hopper with pointer loads, compute capability 8.x); the
+first entry of each list is the default used without tuning. Every entry compiles without register
+spills (no stack frame) with Triton's bundled ptxas, for sm_90 (Hopper kinds) or sm_80 (ampere), when
+launched with 16-byte-aligned tensors, as `python tools/kernel_resources.py [--sm 80]` reports and
+benchmarks/results/kernels.md records; spilling tiles were dropped. Which one is fastest is for the
+tuner to measure on the GPU.
 """
 from __future__ import annotations
 
@@ -49,30 +50,39 @@ class AttentionBlocks:
                                  f"{small}={tiles[small]} (causal diagonal split)")
 
 
-POINTER, TMA = False, True
-
-# Forward tiles follow the usual Hopper choice (128 queries x 64 keys). The dK/dV pass keeps two
-# [block_n, head_dim] fp32 accumulators in registers: with TMA loads at head_dim 128, 32 x 128 tiles
-# spill (120 stack bytes), so that path starts from 32 x 64.
+# Candidate lists are keyed by (head_dim class, kind): "tma" and "pointer" are the two load paths on
+# Hopper (wgmma tensor cores), "ampere" the pointer loads of compute capability 8.x (mma.sync, fewer
+# registers to spare: most Hopper tiles spill there).
+#
+# Forward tiles follow the usual choice of 128 queries x 64 keys where it fits. The dK/dV pass keeps
+# two [block_n, head_dim] fp32 accumulators in registers: with TMA loads at head_dim 128, 32 x 128
+# tiles spill (120 stack bytes), so that path starts from 32 x 64.
 FWD_CANDIDATES = {
-    (64, POINTER): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-    (64, TMA): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-    (128, POINTER): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
-    (128, TMA): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-                 (128, 32, 8, 4)],
+    (64, "pointer"): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    (64, "tma"): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    (64, "ampere"): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4)],
+    (128, "pointer"): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
+    (128, "tma"): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                   (128, 32, 8, 4)],
+    (128, "ampere"): [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
 }
 DKDV_CANDIDATES = {
-    (64, POINTER): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
-    (64, TMA): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
-    (128, POINTER): [(32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
-    (128, TMA): [(32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 8, 4), (16, 64, 4, 3)],
+    (64, "pointer"): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
+    (64, "tma"): [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+    (64, "ampere"): [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3)],
+    (128, "pointer"): [(32, 128, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
+    (128, "tma"): [(32, 64, 8, 3), (16, 128, 8, 3), (32, 64, 8, 4), (16, 64, 4, 3)],
+    (128, "ampere"): [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 3), (32, 32, 4, 3)],
 }
 DQ_CANDIDATES = {
-    (64, POINTER): [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
-    (64, TMA): [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
-    (128, POINTER): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
-    (128, TMA): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+    (64, "pointer"): [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+    (64, "tma"): [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+    (64, "ampere"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+    (128, "pointer"): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+    (128, "tma"): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+    (128, "ampere"): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3)],
 }
+TILE_KINDS = ("tma", "pointer", "ampere")
 INTERPRETER_BLOCKS = AttentionBlocks(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, preprocess_m=16)
 # fp32 (exact, non-TF32 dots) is for testing, not speed: its dots run on FMA units and need many
 # registers, so the tiles are small.
@@ -83,6 +93,13 @@ def head_dim_class(head_dim: int) -> int:
     return 64 if head_dim <= 64 else 128
 
 
+def tile_kind(device: torch.device | str, use_tma: bool) -> str:
+    """The candidate-list kind for a CUDA device and load path (see the lists above)."""
+    if torch.cuda.get_device_capability(torch.device(device))[0] < 9:
+        return "ampere"
+    return "tma" if use_tma else "pointer"
+
+
 def default_blocks(head_dim: int, dtype: torch.dtype, device: torch.device | str,
                    use_tma: bool = False) -> AttentionBlocks:
     """Untuned tiles: small ones for the CPU interpreter, the first candidates on CUDA."""
@@ -90,5 +107,5 @@ def default_blocks(head_dim: int, dtype: torch.dtype, device: torch.device | str
         return INTERPRETER_BLOCKS
     if dtype == torch.float32:
         return FP32_CUDA_BLOCKS
-    key = (head_dim_class(head_dim), bool(use_tma))
+    key = (head_dim_class(head_dim), tile_kind(device, use_tma))
     return AttentionBlocks(*FWD_CANDIDATES[key][0], *DKDV_CANDIDATES[key][0], *DQ_CANDIDATES[key][0])

@@ -120,10 +120,12 @@ def test_tma_descriptor_path_matches_reference(batch, seq, heads, kv_heads, head
 
 @pytest.mark.triton
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("head_dim,seq,causal", [(64, 150, True), (128, 100, False)])
-def test_tuner_candidates_of_both_load_paths_are_correct(head_dim, seq, causal, monkeypatch):
-    """The CUDA tuners (path "either": TMA and pointer candidates) driven in the interpreter: each
-    candidate writes every output element (outputs are NaN-poisoned first) and matches fp32."""
+@pytest.mark.parametrize("head_dim,seq,causal,path", [(64, 150, True, "either"), (128, 100, False, "either"),
+                                                      (128, 70, True, "ampere")])
+def test_tuner_candidates_are_correct(head_dim, seq, causal, path, monkeypatch):
+    """The CUDA tuners driven in the interpreter (path "either": the Hopper TMA and pointer
+    candidates; "ampere": those of compute capability 8.x): each candidate writes every output
+    element (outputs are NaN-poisoned first) and matches fp32."""
     import kernels.attention as A
 
     q, k, v = (t.detach() for t in _inputs(1, seq, 4, 2, head_dim, torch.float16))
@@ -144,14 +146,15 @@ def test_tuner_candidates_of_both_load_paths_are_correct(head_dim, seq, causal, 
     cls = 64 if head_dim <= 64 else 128
     tuners = ((A._FWD_TUNED, "O", want_out), (A._DKDV_TUNED, "DK", want_dk), (A._DQ_TUNED, "DQ", want_dq))
     for table, name, want in tuners:
-        tuner = table[(cls, "either")]
+        tuner = table[(cls, path)]
         monkeypatch.setattr(tuner, "cache", {})
         monkeypatch.setitem(tuner.__dict__, "do_bench", checking_bench(tuner, name, want))
     monkeypatch.setattr(A, "_tuned_or_none", lambda blocks, q, path: blocks)  # tune on CPU too
-    out, lse = A._forward(q, k, v, causal, 1 / math.sqrt(head_dim), None, True, "either")
-    dq, dk, dv = A._backward(dout, q, k, v, out, lse, causal, 1 / math.sqrt(head_dim), None, "either")
+    out, lse = A._forward(q, k, v, causal, 1 / math.sqrt(head_dim), None, True, path)
+    dq, dk, dv = A._backward(dout, q, k, v, out, lse, causal, 1 / math.sqrt(head_dim), None, path)
+    kinds = ("tma", "pointer") if path == "either" else (path,)
     for name, candidates in (("O", FWD_CANDIDATES), ("DK", DKDV_CANDIDATES), ("DQ", DQ_CANDIDATES)):
-        assert checked.count(name) == len(candidates[(cls, True)]) + len(candidates[(cls, False)])
+        assert checked.count(name) == sum(len(candidates[(cls, kind)]) for kind in kinds)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
                                (want_out, want_dq, want_dk, want_dv)):
         _assert_close(f"tuned {name}", got, want, torch.float16)
@@ -375,9 +378,10 @@ def test_gpu_every_candidate_tile_is_correct(head_dim, causal):
     dout = torch.randn(2, 777, 8, head_dim, device="cuda", dtype=torch.float16)
     want = _reference(q, k, v, dout, causal)
     baseline = _errors(_run(attention_reference, q, k, v, dout, causal=causal, upcast=False), want)
-    paths = (False, True) if torch.cuda.get_device_capability()[0] >= 9 else (False,)
-    for use_tma in paths:
-        key = (cls, use_tma)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    for kind in ("tma", "pointer") if hopper else ("ampere",):
+        use_tma = kind == "tma"
+        key = (cls, kind)
         fwd, dkdv, dq = FWD_CANDIDATES[key], DKDV_CANDIDATES[key], DQ_CANDIDATES[key]
         for i in range(max(len(fwd), len(dkdv), len(dq))):
             blocks = AttentionBlocks(*fwd[i % len(fwd)], *dkdv[i % len(dkdv)], *dq[i % len(dq)])
@@ -410,9 +414,9 @@ def test_gpu_deterministic_and_inference():
 @pytest.mark.triton
 def test_default_tiles_compile_for_hopper_without_spills(tmp_path):
     """The interpreter never compiles: build the default bf16 tiles (head_dim 64 and 128, GQA 4,
-    causal and not, TMA and pointer loads) for sm_90 with Triton's bundled ptxas, in a fresh process
-    without TRITON_INTERPRET, and read the resource report: no stack frame (no register spills),
-    wgmma tensor-core instructions, and TMA copies on the TMA path."""
+    causal and not; TMA and pointer loads for sm_90, the ampere tiles for sm_80) with Triton's bundled
+    ptxas, in a fresh process without TRITON_INTERPRET, and read the resource report: no stack frame
+    (no register spills), wgmma tensor-core instructions on sm_90, TMA copies on the TMA path."""
     script = r'''
 import json, sys
 sys.argv = ["kernel_resources"]
@@ -420,14 +424,13 @@ import runpy
 tool = runpy.run_path("tools/kernel_resources.py", run_name="kernel_resources")
 for kernel in ("fwd", "dkdv", "dq"):
     for head_dim in (64, 128):
-        for use_tma in (True, False):
-            key = (head_dim, use_tma)
-            config = tool["CANDIDATES"][kernel][key][0]
+        for kind, sm in (("tma", 90), ("pointer", 90), ("ampere", 80)):
+            config = tool["CANDIDATES"][kernel][(head_dim, kind)][0]
             for causal in (True, False):
                 r = tool["resources"](tool["compile_attention"](kernel, "bf16", head_dim, causal, 4,
-                                                                config, use_tma))
-                print(json.dumps(dict(kernel=kernel, head_dim=head_dim, use_tma=use_tma, causal=causal,
-                                      config=config, **vars(r))))
+                                                                config, kind == "tma", sm))
+                print(json.dumps(dict(kernel=kernel, head_dim=head_dim, kind=kind, sm=sm,
+                                      causal=causal, config=config, **vars(r))))
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
@@ -439,8 +442,8 @@ for kernel in ("fwd", "dkdv", "dq"):
         pytest.skip("Triton's NVIDIA backend (ptxas) is not available here")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 24
+    assert len(rows) == 36
     for row in rows:
         assert row["stack"] == 0, f"register spills: {row}"
-        assert row["wgmma"] > 0, f"no wgmma tensor-core instructions: {row}"
-        assert (row["tma_copies"] > 0) == row["use_tma"], f"TMA copies only and always on the TMA path: {row}"
+        assert (row["wgmma"] > 0) == (row["sm"] == 90), f"wgmma tensor cores exactly on sm_90: {row}"
+        assert (row["tma_copies"] > 0) == (row["kind"] == "tma"), f"TMA copies exactly on the TMA path: {row}"

@@ -73,7 +73,8 @@ def _signature(fn, dtype: str, constexprs: dict, tiles: tuple[int, int], head_di
 
 def compile_attention(kernel: str, dtype: str, head_dim: int, causal: bool, group: int,
                       config: tuple[int, int, int, int], use_tma: bool, sm: int = 90):
-    """Compile one attention kernel for compute capability `sm`; returns Triton's compiled kernel."""
+    """Compile one attention kernel for compute capability `sm` (x 10) with TMA descriptor loads or
+    pointer loads; returns Triton's compiled kernel."""
     fn = KERNELS[kernel]
     block_m, block_n, warps, stages = config
     constexprs = dict(GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, USE_TMA=use_tma,
@@ -115,21 +116,22 @@ def main(argv=None) -> int:
     parser.add_argument("--group", type=int, default=4, help="query heads per kv head")
     parser.add_argument("--defaults", action="store_true", help="only the untuned default tiles")
     parser.add_argument("--path", choices=("tma", "pointer", "both"), default="both",
-                        help="TMA descriptors (sm_90+) or pointer loads")
+                        help="on sm_90+: TMA descriptor or pointer loads (below sm_90: the ampere tiles)")
     args = parser.parse_args(argv)
     if not os.path.exists(CUOBJDUMP):
         sys.exit(f"kernel_resources: Triton's cuobjdump is missing ({CUOBJDUMP})")
 
-    paths = {"tma": [True], "pointer": [False], "both": [True, False]}[args.path]
-    if args.sm < 90 and True in paths:
-        paths = [False]
+    kinds = {"tma": ["tma"], "pointer": ["pointer"], "both": ["tma", "pointer"]}[args.path]
+    if args.sm < 90:
+        kinds = ["ampere"]
     print(f"triton {triton.__version__}, target sm_{args.sm}, {args.dtype}, GQA group {args.group}")
     print(f"{'kernel':6} {'path':7} {'d':>3} {'causal':6} {'tiles':9} {'warps':>5} {'stages':>6} "
           f"{'regs':>4} {'stack':>5} {'smem':>6} {'wgmma':>5} {'tma':>3}")
     for kernel in args.kernels:
         for head_dim in args.head_dim:
-            for use_tma in paths:
-                configs = CANDIDATES[kernel][(T.head_dim_class(head_dim), use_tma)]
+            for kind in kinds:
+                use_tma = kind == "tma"
+                configs = CANDIDATES[kernel][(T.head_dim_class(head_dim), kind)]
                 for config in configs[:1] if args.defaults else configs:
                     for causal in (True, False):
                         try:
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
                         except Exception as e:  # report and go on: one bad tile must not hide the rest
                             cells = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
                         m, n, w, s = config
-                        print(f"{kernel:6} {'tma' if use_tma else 'pointer':7} {head_dim:3d} "
+                        print(f"{kernel:6} {kind:7} {head_dim:3d} "
                               f"{str(causal):6} {f'{m}x{n}':9} {w:5d} {s:6d} {cells}", flush=True)
     return 0
 
