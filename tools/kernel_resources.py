@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Compile the attention kernels for a GPU target without a GPU and report their resource use.
+"""Compile the attention and RMSNorm kernels for a GPU target without a GPU; report resource use.
 
-    python tools/kernel_resources.py                      # every tile candidate, sm_90, bf16
+    python tools/kernel_resources.py                      # every attention tile candidate, sm_90, bf16
     python tools/kernel_resources.py --defaults --head-dim 128 --sm 80
+    python tools/kernel_resources.py --rmsnorm 8192x4096 8192x1024   # RMSNorm launches, no attention
 
 For each kernel and tile configuration it prints registers per thread, stack bytes (non-zero means
 register spills to local memory), shared memory per program, and how many wgmma (Hopper tensor-core)
@@ -31,11 +32,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.attention as A  # noqa: E402
 import kernels.attention_tiles as T  # noqa: E402
+import kernels.rmsnorm as R  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
 CANDIDATES = {"fwd": T.FWD_CANDIDATES, "dkdv": T.DKDV_CANDIDATES, "dq": T.DQ_CANDIDATES}
-FP32_POINTERS = ("LSE", "DELTA")
+FP32_POINTERS = ("LSE", "DELTA", "RSTD", "DW_PARTIAL", "PARTIAL")
+FP32_SCALARS = ("qk_scale", "softmax_scale", "eps")
 
 
 @dataclass
@@ -62,11 +65,11 @@ def _signature(fn, dtype: str, constexprs: dict, tiles: tuple[int, int], head_di
         elif name.isupper():
             signature[name] = "*" + ("fp32" if name in FP32_POINTERS else dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name.endswith("scale"):
+        elif name in FP32_SCALARS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("stride") or name == "seq_len":
+            if name.startswith("stride") or name in ("seq_len", "n_cols"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, attrs
 
@@ -85,6 +88,29 @@ def compile_attention(kernel: str, dtype: str, head_dim: int, causal: bool, grou
     signature, attrs = _signature(fn, dtype, constexprs, (block_m, block_n), head_dim, use_tma)
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", sm, 32),
                           options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_rmsnorm(kernel: str, dtype: str, rows: int, hidden: int, sm: int = 90):
+    """Compile an RMSNorm kernel ("fwd", "bwd" or "sum") with the launch settings rms_norm picks for
+    [rows, hidden] (the dweight sum as for an H100-sized backward grid); returns (compiled, settings)."""
+    cfg = R.launch_config(rows, hidden)
+    if kernel == "fwd":
+        fn, warps = R._rms_norm_fwd_kernel, cfg.fwd_warps
+        constexprs = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, BF16_BY_HAND=False)
+    elif kernel == "bwd":
+        fn, warps = R._rms_norm_bwd_kernel, cfg.bwd_warps
+        constexprs = dict(BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.block_n, COMPUTE_DW=True,
+                          BF16_BY_HAND=False)
+    else:
+        grid = 132 * cfg.bwd_programs_per_sm
+        block_p, block_c = min(R._SUM_TILE_ROWS, R.next_power_of_2(grid)), min(32, cfg.block_n)
+        fn, warps = R._sum_partials_kernel, R.num_warps_for(block_p * block_c, 16)
+        constexprs = dict(BLOCK_P=block_p, BLOCK_C=block_c, BF16_BY_HAND=False)
+    signature, attrs = _signature(fn, dtype, constexprs, (0, 0), 0, False)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", sm, 32), options=dict(num_warps=warps))
+    tiles = {k: v for k, v in constexprs.items() if k.startswith("BLOCK")}
+    return compiled, dict(warps=warps, **tiles)
 
 
 def resources(compiled) -> Resources:
@@ -115,12 +141,16 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--group", type=int, default=4, help="query heads per kv head")
     parser.add_argument("--defaults", action="store_true", help="only the untuned default tiles")
+    parser.add_argument("--rmsnorm", nargs="+", metavar="ROWSxHIDDEN",
+                        help="report the RMSNorm kernels at these shapes instead of attention")
     parser.add_argument("--path", choices=("tma", "pointer", "both"), default="both",
                         help="on sm_90+: TMA descriptor or pointer loads (below sm_90: the ampere tiles)")
     args = parser.parse_args(argv)
     if not os.path.exists(CUOBJDUMP):
         sys.exit(f"kernel_resources: Triton's cuobjdump is missing ({CUOBJDUMP})")
 
+    if args.rmsnorm:
+        return _report_rmsnorm(args.rmsnorm, args.dtype, args.sm)
     kinds = {"tma": ["tma"], "pointer": ["pointer"], "both": ["tma", "pointer"]}[args.path]
     if args.sm < 90:
         kinds = ["ampere"]
@@ -144,6 +174,23 @@ def main(argv=None) -> int:
                         m, n, w, s = config
                         print(f"{kernel:6} {kind:7} {head_dim:3d} "
                               f"{str(causal):6} {f'{m}x{n}':9} {w:5d} {s:6d} {cells}", flush=True)
+    return 0
+
+
+def _report_rmsnorm(shapes: list[str], dtype: str, sm: int) -> int:
+    print(f"triton {triton.__version__}, target sm_{sm}, {dtype}, RMSNorm")
+    print(f"{'kernel':6} {'shape':12} {'launch':38} {'regs':>4} {'stack':>5} {'smem':>6}")
+    for shape in shapes:
+        try:
+            rows, hidden = (int(s) for s in shape.lower().split("x"))
+        except ValueError:
+            sys.exit(f"kernel_resources: --rmsnorm shape {shape!r} is not ROWSxHIDDEN")
+        for kernel in ("fwd", "bwd", "sum"):
+            compiled, settings = compile_rmsnorm(kernel, dtype, rows, hidden, sm)
+            r = resources(compiled)
+            launch = " ".join(f"{k}={v}" for k, v in settings.items())
+            print(f"{kernel:6} {shape:12} {launch:38} {r.registers:4d} {r.stack:5d} {r.shared:6d}",
+                  flush=True)
     return 0
 
 
