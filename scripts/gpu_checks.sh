@@ -1,22 +1,45 @@
 #!/usr/bin/env bash
-# The checks only a GPU machine can make, in one call (device time is scarce): the gpu-marked tests
-# (kernel accuracy against fp32, the Llama training with kernels), then the kernel benchmark.
-# Results land in benchmarks/results/kernels_<device>/ (and $OUT/ when set, for the device tool).
+# The checks only a GPU machine can make (device time is scarce, so they are batched):
+#   tests    the gpu-marked tests (kernel accuracy against fp32, every tuner candidate, the Llama
+#            training with kernels against the PyTorch ops)
+#   kernels  tools/bench_kernels.py: RMSNorm and attention against PyTorch / SDPA and the ceilings
+#   step     tools/bench_step.py: one Llama training step, kernels on and off, and the share of the
+#            step that RoPE, SwiGLU and cross-entropy kernels could save
+# Usage: bash scripts/gpu_checks.sh [tests] [kernels] [step]   (no argument: all three, in that order;
+# split them over several calls when one call's time limit is short).
+# Results land in benchmarks/results/gpu_<device>/ (archived to $OUT/gpu_<device>.tgz when $OUT is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check here')" || exit 1
 device=$(python -c "import re, torch; print(re.sub('[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))")
-out=benchmarks/results/kernels_${device}
+out=benchmarks/results/gpu_${device}
 mkdir -p "$out"
 {
-  echo "date: $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+  echo "date: $(date -u +%FT%TZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$out/environment.txt" 2>&1
-python -m pytest -q -m gpu tests/test_kernel_attention.py tests/test_kernel_rmsnorm.py tests/test_kernels_in_model.py \
-  2>&1 | tee "$out/gpu_tests.txt"
-tests_rc=${PIPESTATUS[0]}
-TRITON_PRINT_AUTOTUNING=1 python tools/bench_kernels.py --out "$out" 2>&1 | tee "$out/bench_log.txt"
-bench_rc=${PIPESTATUS[0]}
-if [ -n "${OUT:-}" ]; then cp -r "$out" "$OUT/"; fi
-echo "gpu tests exit $tests_rc, benchmark exit $bench_rc; results in $out"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels step)
+status=0
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests)
+      python -m pytest -q -m gpu tests/test_kernel_attention.py tests/test_kernel_rmsnorm.py \
+        tests/test_kernels_in_model.py 2>&1 | tee "$out/gpu_tests.txt" ;;
+    kernels)
+      TRITON_PRINT_AUTOTUNING=1 python tools/bench_kernels.py --out "$out/kernels" 2>&1 \
+        | tee "$out/kernels_log.txt" ;;
+    step)
+      python tools/bench_step.py --preset llama2-7b-L2 --batch 1 --seq 4096 --out "$out/step" 2>&1 \
+        | tee "$out/step_log.txt" ;;
+    *) echo "gpu_checks: unknown stage '$stage' (tests, kernels, step)"; exit 2 ;;
+  esac
+  rc=${PIPESTATUS[0]}
+  echo "gpu_checks: $stage exit $rc"
+  [ "$rc" -ne 0 ] && status=1
+  # The device tool brings back at most 8 files from $OUT: one archive of everything, after each stage.
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_${device}.tgz" -C benchmarks/results "gpu_${device}"; fi
+done
+echo "results in $out"
+exit $status
