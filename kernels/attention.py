@@ -44,10 +44,10 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.attention_tiles import (DKDV_CANDIDATES, DQ_CANDIDATES, FWD_CANDIDATES, AttentionBlocks,
-                                     default_blocks, head_dim_class)
+from kernels.attention_tiles import (DKDV_CANDIDATES, DQ_CANDIDATES, FWD_CANDIDATES, LOAD_PATHS,
+                                     TILE_KINDS_OF_PATH, AttentionBlocks, default_blocks, descriptors,
+                                     head_dim_class, load_path, set_descriptor_blocks, tma_addressable)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -367,33 +367,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_desc, k_desc, v_desc, do_
     _store_rows(dq_desc, dq_ptrs, stride_dqs, off_b, off_h, m0, seq_len, dq, BLOCK_M, HEAD_DIM, USE_TMA)
 
 
-# Descriptors of query-side tensors hold [1, BLOCK_M, 1, HEAD_DIM] tiles, key-side ones BLOCK_N rows.
-_QUERY_SIDE_DESCS = ("q_desc", "o_desc", "do_desc", "dq_desc")
-_KEY_SIDE_DESCS = ("k_desc", "v_desc", "dk_desc", "dv_desc")
-
-
-def _set_descriptor_blocks(nargs: dict) -> None:
-    """Give each TMA descriptor the tile shape of the config about to run (a launch pre-hook)."""
-    for name in _QUERY_SIDE_DESCS + _KEY_SIDE_DESCS:
-        desc = nargs.get(name)
-        if isinstance(desc, TensorDescriptor):
-            rows = nargs["BLOCK_M"] if name in _QUERY_SIDE_DESCS else nargs["BLOCK_N"]
-            desc.block_shape = [1, rows, 1, nargs["HEAD_DIM"]]
-
-
-# Load paths: "tma" and "pointer" on Hopper (see _load_rows), "either" where the tuner times the
-# candidates of both and keeps the fastest (Hopper, when the tensors allow descriptors), and
-# "ampere", pointer loads with the tiles of compute capability 8.x.
-LOAD_PATHS = ("tma", "pointer", "either", "ampere")
-_TILE_KINDS_OF_PATH = {"tma": ("tma",), "pointer": ("pointer",), "either": ("tma", "pointer"),
-                       "ampere": ("ampere",)}
-
-
 def _configs(candidates: dict, head_dim_cls: int, path: str) -> list:
     configs = []
-    for kind in _TILE_KINDS_OF_PATH[path]:
+    for kind in TILE_KINDS_OF_PATH[path]:
         configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": kind == "tma"}, num_warps=w,
-                                  num_stages=s, pre_hook=_set_descriptor_blocks)
+                                  num_stages=s, pre_hook=set_descriptor_blocks)
                     for m, n, w, s in candidates[(head_dim_cls, kind)]]
     return configs
 
@@ -423,7 +401,7 @@ def _launch(kernel, tuners: dict, blocks: AttentionBlocks | None, path: str, til
         return
     block_m, block_n, warps, stages = _tiles_for(blocks, kernel)
     tile = block_m if tiles == "m" else block_n
-    _set_descriptor_blocks({**dict(zip(kernel.arg_names, args)), **kwargs,
+    set_descriptor_blocks({**dict(zip(kernel.arg_names, args)), **kwargs,
                             "BLOCK_M": block_m, "BLOCK_N": block_n})
     kernel[(triton.cdiv(grid_rows, tile), grid_cols)](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n,
                                                       USE_TMA=path == "tma", num_warps=warps,
@@ -506,47 +484,6 @@ def _tuned_or_none(blocks: AttentionBlocks | None, q: torch.Tensor,
     return default_blocks(q.shape[-1], q.dtype, q.device, use_tma=path == "tma")
 
 
-def _tma_addressable(t: torch.Tensor) -> bool:
-    """A TMA descriptor needs a 16-byte-aligned base, 16-byte-multiple strides and a unit last stride."""
-    size = t.element_size()
-    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-            and all(s * size % 16 == 0 for s in t.stride()[:-1]))
-
-
-def _tma_hardware(device: torch.device) -> bool:
-    """Tensor-memory-accelerator copies exist from compute capability 9.0 (Hopper) on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _load_path(use_tma: bool | None, blocks: AttentionBlocks | None, q, k, v) -> str:
-    """One of LOAD_PATHS for flash_attention's use_tma argument (see its doc)."""
-    addressable = all(_tma_addressable(t) for t in (q, k, v))
-    if q.device.type == "cuda" and not _tma_hardware(q.device) and not use_tma:
-        return "ampere"
-    if use_tma is None:  # fp32 is the exact testing path: it keeps the pointer loads
-        if not (addressable and _tma_hardware(q.device) and q.dtype != torch.float32):
-            return "pointer"
-        return "either" if blocks is None else "tma"
-    if not use_tma:
-        return "pointer"
-    if q.device.type == "cuda" and not _tma_hardware(q.device):
-        raise ValueError(f"flash_attention: use_tma=True needs compute capability >= 9.0; "
-                         f"{torch.cuda.get_device_name(q.device)} has "
-                         f"{'.'.join(map(str, torch.cuda.get_device_capability(q.device)))}")
-    if not addressable:
-        raise ValueError("flash_attention: use_tma=True needs q, k, v with 16-byte-aligned data "
-                         "pointers and strides (pass contiguous tensors, or use_tma=None)")
-    return "tma"
-
-
-def _descriptors(path: str, *tensors: torch.Tensor) -> tuple:
-    """[batch, seq, heads, head_dim] TMA descriptors (tile shapes set at launch), or Nones."""
-    if path not in ("tma", "either"):
-        return (None,) * len(tensors)
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, t.shape[-1]])
-                 for t in tensors)
-
-
 def _forward(q, k, v, causal: bool, softmax_scale: float, blocks: AttentionBlocks | None,
              store_lse: bool, path: str):
     batch, seq, heads, head_dim = q.shape
@@ -556,7 +493,7 @@ def _forward(q, k, v, causal: bool, softmax_scale: float, blocks: AttentionBlock
     if out.numel() == 0:
         return out, lse
     blocks = _tuned_or_none(blocks, q, path)
-    args = (q, k, v, out, lse if store_lse else out, *_descriptors(path, q, k, v, out),
+    args = (q, k, v, out, lse if store_lse else out, *descriptors(path, q, k, v, out),
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), heads, seq,
             triton.next_power_of_2(seq), softmax_scale * LOG2E)
     kwargs = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal), STORE_LSE=store_lse,
@@ -575,7 +512,7 @@ def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
     if dq.numel() == 0:
         return dq, dk, dv
     do = _head_dim_major(do)
-    if path in ("tma", "either") and not _tma_addressable(do):
+    if path in ("tma", "either") and not tma_addressable(do):
         do = do.contiguous()
     blocks = _tuned_or_none(blocks, q, path)
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
@@ -587,12 +524,12 @@ def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
     common = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal),
                   DOT_PRECISION=_dot_precision(q.dtype))
     seq_bucket = triton.next_power_of_2(seq)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *_descriptors(path, q, k, v, do, dk, dv),
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *descriptors(path, q, k, v, do, dk, dv),
                  *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk),
                  *_strides3(dv), heads, kv_heads, seq, seq_bucket, qk_scale, softmax_scale)
     _launch(_attn_bwd_dkdv_kernel, _DKDV_TUNED, blocks, path, "n", seq, batch * kv_heads, dkdv_args,
             common)
-    dq_args = (q, k, v, do, lse, delta, dq, *_descriptors(path, q, k, v, do, dq), *_strides3(q),
+    dq_args = (q, k, v, do, lse, delta, dq, *descriptors(path, q, k, v, do, dq), *_strides3(q),
                *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), heads, seq, seq_bucket,
                qk_scale, softmax_scale)
     _launch(_attn_bwd_dq_kernel, _DQ_TUNED, blocks, path, "m", seq, batch * heads, dq_args, common)
@@ -636,7 +573,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
     q, k, v = _head_dim_major(q), _head_dim_major(k), _head_dim_major(v)
-    path = _load_path(use_tma, blocks, q, k, v)
+    path = load_path(use_tma, blocks, q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashAttention.apply(q, k, v, bool(causal), scale, blocks, path)
     out, _ = _forward(q, k, v, bool(causal), scale, blocks, store_lse=False, path=path)

@@ -1,5 +1,6 @@
-"""Tile sizes for kernels/attention.py: the AttentionBlocks record, the CUDA tile candidates the
-autotuner chooses from, and the untuned defaults.
+"""Launch settings for kernels/attention.py: the AttentionBlocks record, the CUDA tile candidates the
+autotuner chooses from, the untuned defaults, and the choice of load path (TMA descriptors or pointer
+loads) with the descriptors it needs.
 
 Candidates are (block_m, block_n, warps, stages), per head_dim class (64: head_dim <= 64, else 128)
 and kind (Hopper with TMA descriptor loads, Hopper with pointer loads, compute capability 8.x); the
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,6 @@ DQ_CANDIDATES = {
     (128, "tma"): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
     (128, "ampere"): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3)],
 }
-TILE_KINDS = ("tma", "pointer", "ampere")
 INTERPRETER_BLOCKS = AttentionBlocks(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, preprocess_m=16)
 # fp32 (exact, non-TF32 dots) is for testing, not speed: its dots run on FMA units and need many
 # registers, so the tiles are small.
@@ -109,3 +110,66 @@ def default_blocks(head_dim: int, dtype: torch.dtype, device: torch.device | str
         return FP32_CUDA_BLOCKS
     key = (head_dim_class(head_dim), tile_kind(device, use_tma))
     return AttentionBlocks(*FWD_CANDIDATES[key][0], *DKDV_CANDIDATES[key][0], *DQ_CANDIDATES[key][0])
+
+
+# Load paths: "tma" and "pointer" on Hopper (see attention._load_rows), "either" where the tuner times the
+# candidates of both and keeps the fastest (Hopper, when the tensors allow descriptors), and
+# "ampere", pointer loads with the tiles of compute capability 8.x.
+LOAD_PATHS = ("tma", "pointer", "either", "ampere")
+TILE_KINDS_OF_PATH = {"tma": ("tma",), "pointer": ("pointer",), "either": ("tma", "pointer"),
+                       "ampere": ("ampere",)}
+
+
+# Descriptors of query-side tensors hold [1, BLOCK_M, 1, HEAD_DIM] tiles, key-side ones BLOCK_N rows.
+QUERY_SIDE_DESCS = ("q_desc", "o_desc", "do_desc", "dq_desc")
+KEY_SIDE_DESCS = ("k_desc", "v_desc", "dk_desc", "dv_desc")
+
+
+def set_descriptor_blocks(nargs: dict) -> None:
+    """Give each TMA descriptor the tile shape of the config about to run (a launch pre-hook)."""
+    for name in QUERY_SIDE_DESCS + KEY_SIDE_DESCS:
+        desc = nargs.get(name)
+        if isinstance(desc, TensorDescriptor):
+            rows = nargs["BLOCK_M"] if name in QUERY_SIDE_DESCS else nargs["BLOCK_N"]
+            desc.block_shape = [1, rows, 1, nargs["HEAD_DIM"]]
+
+
+def tma_addressable(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte-aligned base, 16-byte-multiple strides and a unit last stride."""
+    size = t.element_size()
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+
+
+def tma_hardware(device: torch.device) -> bool:
+    """Tensor-memory-accelerator copies exist from compute capability 9.0 (Hopper) on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def load_path(use_tma: bool | None, blocks: AttentionBlocks | None, q, k, v) -> str:
+    """One of LOAD_PATHS for flash_attention's use_tma argument (see its doc)."""
+    addressable = all(tma_addressable(t) for t in (q, k, v))
+    if q.device.type == "cuda" and not tma_hardware(q.device) and not use_tma:
+        return "ampere"
+    if use_tma is None:  # fp32 is the exact testing path: it keeps the pointer loads
+        if not (addressable and tma_hardware(q.device) and q.dtype != torch.float32):
+            return "pointer"
+        return "either" if blocks is None else "tma"
+    if not use_tma:
+        return "pointer"
+    if q.device.type == "cuda" and not tma_hardware(q.device):
+        raise ValueError(f"flash_attention: use_tma=True needs compute capability >= 9.0; "
+                         f"{torch.cuda.get_device_name(q.device)} has "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(q.device)))}")
+    if not addressable:
+        raise ValueError("flash_attention: use_tma=True needs q, k, v with 16-byte-aligned data "
+                         "pointers and strides (pass contiguous tensors, or use_tma=None)")
+    return "tma"
+
+
+def descriptors(path: str, *tensors: torch.Tensor) -> tuple:
+    """[batch, seq, heads, head_dim] TMA descriptors (tile shapes set at launch), or Nones."""
+    if path not in ("tma", "either"):
+        return (None,) * len(tensors)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, 1, t.shape[-1]])
+                 for t in tensors)

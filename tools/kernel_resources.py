@@ -57,7 +57,7 @@ def _signature(fn, dtype: str, constexprs: dict, tiles: tuple[int, int], head_di
             signature[name] = "constexpr"
         elif name.endswith("_desc"):
             if use_tma:
-                rows = tiles[0] if name in A._QUERY_SIDE_DESCS else tiles[1]
+                rows = tiles[0] if name in T.QUERY_SIDE_DESCS else tiles[1]
                 signature[name] = f"tensordesc<{dtype}[1,{rows},1,{head_dim}]>"
             else:
                 signature[name] = "constexpr"
