@@ -21,10 +21,11 @@ group and over the query blocks that are not fully masked, and keeps dK and dV i
 separate dQ kernel runs one program per (query block, batch * head) over the key blocks up to the
 diagonal. Gradients are written in the input dtype.
 
-Loads: on Hopper and newer GPUs, q/k/v/dO tiles arrive through TMA descriptors over the
-[batch, seq, heads, head_dim] tensors (bulk copies into shared memory, zero-filled past the sequence
-end, no per-element address registers) and output tiles leave the same way; elsewhere, and for
-tensors whose base or strides are not 16-byte aligned, through pointer loads with row masks.
+Loads (USE_TMA): on Hopper and newer GPUs, q/k/v/dO tiles can arrive through TMA descriptors over
+the [batch, seq, heads, head_dim] tensors (bulk copies into shared memory, zero-filled past the
+sequence end, no per-element address registers), output tiles leaving the same way; otherwise through
+pointer loads with row masks. On Hopper the tuner times both paths; pointer loads serve older GPUs and
+tensors whose base or strides are not 16-byte aligned.
 
 Block sizes (kernels/attention_tiles.py): small fixed tiles on CPU (the Triton interpreter,
 TRITON_INTERPRET=1), and on CUDA a short list of tile / warp / stage configurations per load path,
