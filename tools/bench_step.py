@@ -4,22 +4,23 @@
     python tools/bench_step.py --preset llama2-7b-L2 --batch 1 --seq 4096 --out benchmarks/results/step_h100
     python tools/bench_step.py --preset tiny --out /tmp/step        # CPU smoke test, not a speed measurement
 
-Step: forward on random token ids, the engine's single-process loss (``vocab_parallel_cross_entropy``
-with no group: fp32 upcast of the logits, mean over tokens), backward. Parameters in --dtype; the
-optimizer update is not timed (it touches none of the candidate ops). The median step is timed with
-the Triton kernels on and off (``engine.ops.use_kernels``); "on" needs CUDA and is skipped elsewhere.
-    tokens/s = batch * seq / step time
+Step: forward on random token ids, the engine's single-process loss (``vocab_parallel_cross_entropy``,
+no group, mean over tokens), backward; no optimizer update. Median time with the Triton kernels off
+and on (``engine.ops.use_kernels``; "on" needs CUDA). tokens/s = batch * seq / step time;
     model FLOPs = 6 * P * tokens + 3 * layers * 4 * batch * heads * seq^2 * head_dim / 2
-with P the parameters that take part in a matmul (all but the embedding lookup) and the attention term
-the causal forward (halved) plus a backward of twice the forward (no recomputation counted).
+P: parameters in matmuls (not the embedding lookup); causal attention, backward 2x forward.
 
-Per-op table ("measure first"): RoPE on q and k, the SwiGLU activation silu(gate) * up, the
-cross entropy over the vocabulary, and for reference RMSNorm and attention, each timed alone (its
-eager PyTorch forward + backward at the shapes one step uses) and multiplied by its calls per step.
-Its floor is max(minimal bytes / measured copy bandwidth, FLOPs / measured matmul rate); minimal
-bytes count every input read once and every output written once in the forward and in the backward,
-per-row fp32 statistics kept for the backward included (see ``min_bytes``). The most a fused kernel
-could save is (eager - floor) per step, as a share of the measured step (kernels on where CUDA is).
+Depth: presets build 2 layers so that a step fits one GPU; the real model has ``full_layers`` (32 for
+Llama-2-7B), and only the per-layer ops grow with it. The step (same mode) is also timed at 1 layer:
+    per layer = t(2) - t(1);  outside = t(2) - 2 * per layer (embedding, final norm, lm_head, loss)
+    full step = outside + full_layers * per layer     (linear in depth, one device: no PP/TP effects)
+If noise gives per layer <= 0 or outside < 0 there is no estimate and the measured step stands in.
+
+Per-op table ("measure first"): RoPE, SwiGLU silu(gate) * up, cross entropy, and for reference
+RMSNorm and attention, each timed alone (eager forward + backward at the step's shapes). Floor =
+max(minimal bytes / copy bandwidth, FLOPs / matmul rate), bytes per ``min_bytes``. Calls, time, floor
+and the most a fused kernel could save, (eager - floor) * calls, are at full depth, with the share of
+the full-depth step (the verdict) beside the share of the measured 2-layer step.
 
 Timing, ceilings (copy GB/s counting read + write, matmul TFLOP/s) and the L2 flush between
 repetitions come from tools/bench_kernels.py. Writes results.csv and table.txt to --out.
@@ -34,7 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,10 @@ SAVING_THRESHOLD = 0.03  # the decision rule: a kernel is worth writing above th
 
 @dataclass(frozen=True)
 class Preset:
-    """A model shape for the benchmark: real widths, few layers, so one step fits one GPU."""
+    """A model shape for the benchmark: real widths, few layers (config) so one step fits one GPU, and
+    the real model's depth ``full_layers`` that the step is extrapolated to."""
     config: dict
+    full_layers: int
     batch: int
     seq: int
     note: str
@@ -76,15 +79,14 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "llama2-7b-L2": Preset(dict(hidden_size=4096, num_attention_heads=32, intermediate_size=11008,
-                                vocab_size=32000, num_hidden_layers=2), 1, 4096, "Llama-2-7B widths, 2 layers"),
+                                vocab_size=32000, num_hidden_layers=2), 32, 1, 4096, "Llama-2-7B widths"),
     "llama2-13b-L2": Preset(dict(hidden_size=5120, num_attention_heads=40, intermediate_size=13824,
-                                 vocab_size=32000, num_hidden_layers=2), 1, 4096, "Llama-2-13B widths, 2 layers"),
+                                 vocab_size=32000, num_hidden_layers=2), 40, 1, 4096, "Llama-2-13B widths"),
     "llama3-8b-L2": Preset(dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                                 intermediate_size=14336, vocab_size=128256, num_hidden_layers=2,
-                                rope_theta=500000.0), 1, 4096, "Llama-3-8B widths, 2 layers"),
+                                rope_theta=500000.0), 32, 1, 4096, "Llama-3-8B widths"),
     "tiny": Preset(dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                        intermediate_size=128, vocab_size=256, num_hidden_layers=2), 2, 32,
-                   "CPU smoke-test shape"),
+                        intermediate_size=128, vocab_size=256, num_hidden_layers=2), 4, 2, 32, "CPU smoke test"),
 }
 
 
@@ -142,6 +144,7 @@ def min_bytes(op: str, d: StepDims, elem: int) -> int:
 
 
 def calls_per_step(op: str, d: StepDims) -> int:
+    """Per-layer ops run once per layer, RMSNorm twice plus the final norm, the cross entropy once."""
     return 2 * d.layers + 1 if op == "rmsnorm" else 1 if op == "cross_entropy" else d.layers
 
 
@@ -157,23 +160,52 @@ def step_model_flops(model: Llama, d: StepDims) -> float:
     return 6.0 * matmul_params * d.tokens + d.layers * attention_model_flops(d)
 
 
+@dataclass(frozen=True)
+class DepthEstimate:
+    """The step at ``layers`` deep: ``full_layers`` extrapolated, or the measured depth when ``problem``."""
+    measured_layers: int
+    full_layers: int
+    per_layer_ms: float
+    outside_ms: float  # embedding, final norm, lm_head and loss: once per step whatever the depth
+    layers: int  # the depth the full-depth shares and the verdicts refer to
+    step_ms: float
+    problem: str = ""  # why the extrapolation is refused; empty when it is used
+
+
+def extrapolate_depth(shallow: tuple[int, float], deep: tuple[int, float], full_layers: int) -> DepthEstimate:
+    """(layers, ms) at two depths -> per layer = slope, outside = t(deep) - deep * per layer; refused
+    (measured deep step kept) when timing noise gives per layer <= 0 or outside < 0."""
+    (lo, t_lo), (hi, t_hi) = shallow, deep
+    if not 0 < lo < hi:
+        raise ValueError(f"extrapolate_depth: need 0 < shallow < deep layers, got {lo} and {hi}")
+    per_layer = (t_hi - t_lo) / (hi - lo)
+    outside = t_hi - hi * per_layer
+    problem = (f"per-layer time {per_layer:.4g} ms <= 0" if per_layer <= 0 else
+               f"time outside the layers {outside:.4g} ms < 0" if outside < 0 else "")
+    if problem:
+        return DepthEstimate(hi, full_layers, per_layer, outside, hi, t_hi, problem + (
+            f" (timing noise: {lo} layer(s) {t_lo:.4g} ms, {hi} layers {t_hi:.4g} ms); no full-depth "
+            f"estimate, shares and verdicts use the measured {hi}-layer step"))
+    return DepthEstimate(hi, full_layers, per_layer, outside, full_layers, outside + full_layers * per_layer)
+
+
 # ------------------------------------------------------------------------------------- results
-FIELDS = ["section", "name", "impl", "shape", "dtype", "calls_per_step", "ms", "ms_per_step", "step_share",
-          "bytes_per_call", "gbps", "floor_ms_per_step", "max_saving_share", "tokens_per_s", "tflops",
-          "loss", "note"]
-
-
 @dataclass
 class Result:
-    section: str  # "ceiling", "step" or "op"
+    """One CSV row. Op rows: calls_per_step, ms_per_step, step_share, floor_ms_per_step and
+    max_saving_share are at ``layers`` deep (the full depth unless the estimate was refused);
+    measured_step_share is the share of the step as built."""
+    section: str  # "ceiling", "step", "depth" or "op"
     name: str
     impl: str = ""
     shape: str = ""
     dtype: str = ""
+    layers: int | None = None
     calls_per_step: int | None = None
     ms: float | None = None
     ms_per_step: float | None = None
     step_share: float | None = None
+    measured_step_share: float | None = None
     bytes_per_call: int | None = None
     gbps: float | None = None
     floor_ms_per_step: float | None = None
@@ -186,6 +218,9 @@ class Result:
     def as_csv(self) -> dict:
         return {k: "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
                 for k, v in asdict(self).items()}
+
+
+FIELDS = [f.name for f in fields(Result)]
 
 
 @dataclass
@@ -228,7 +263,7 @@ def training_step(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def bench_step(run: Run, config: LlamaConfig, kernels_on: bool) -> Result:
-    d = run.dims
+    d = StepDims.of(config, run.dims.batch, run.dims.seq)
     model = build_model(config, run.device, run.dtype)
     gen = torch.Generator(device="cpu").manual_seed(1)
     tokens = torch.randint(0, d.vocab, (d.batch, d.seq + 1), generator=gen).to(run.device)
@@ -246,8 +281,8 @@ def bench_step(run: Run, config: LlamaConfig, kernels_on: bool) -> Result:
         ops.use_kernels(was_enabled)
     flops = step_model_flops(model, d)
     label = "kernels on" if kernels_on else "kernels off"
-    run.bench.say(f"step {label}: {ms:.3f} ms, loss {loss:.5f}")
-    return Result("step", "train step", label, f"b{d.batch} s{d.seq}", dtype_name(run.dtype), ms=ms,
+    run.bench.say(f"step {label}, {d.layers} layer(s): {ms:.3f} ms, loss {loss:.5f}")
+    return Result("step", "train step", label, f"b{d.batch} s{d.seq}", dtype_name(run.dtype), d.layers, ms=ms,
                   tokens_per_s=d.tokens / (ms * 1e-3), tflops=flops / (ms * 1e-3) / 1e12, loss=loss, note=note)
 
 
@@ -320,11 +355,30 @@ def kernel_impl(op: str, config: LlamaConfig, dtype: torch.dtype) -> Callable | 
     return None
 
 
-def bench_ops(run: Run, config: LlamaConfig, step_ms: float, copy_gbps: float, mm_tflops: float) -> list[Result]:
+def depth_rows(depth: DepthEstimate, shallow: Result, deep: Result, tokens: int) -> list[Result]:
+    """Per layer, outside the layers and the full-depth step; model FLOPs are linear in depth too."""
+    if depth.problem:  # the differences are noise: no numbers, only the reason
+        return [Result("depth", "full-depth step", deep.impl, dtype=deep.dtype, note=depth.problem)]
+    flops_lo, flops_hi = (r.tflops * 1e12 * r.ms * 1e-3 for r in (shallow, deep))
+    flops = flops_hi + (depth.full_layers - deep.layers) * (flops_hi - flops_lo) / (deep.layers - shallow.layers)
+    ms = depth.step_ms
+    return [Result("depth", "per layer", deep.impl, dtype=deep.dtype, layers=1, ms=depth.per_layer_ms,
+                   note=f"t({deep.layers}) - t({shallow.layers}), per layer"),
+            Result("depth", "outside the layers", deep.impl, dtype=deep.dtype, layers=0, ms=depth.outside_ms,
+                   note="embedding, final norm, lm_head, loss"),
+            Result("depth", "full-depth step", deep.impl, deep.shape, deep.dtype, depth.full_layers, ms=ms,
+                   tokens_per_s=tokens / (ms * 1e-3), tflops=flops / (ms * 1e-3) / 1e12,
+                   note="extrapolated: linear in depth, one device, no pipeline/TP effects")]
+
+
+def bench_ops(run: Run, config: LlamaConfig, measured_ms: float, depth: DepthEstimate, copy_gbps: float,
+              mm_tflops: float) -> list[Result]:
+    """Each op alone; per-step figures at ``depth.layers``, plus its share of the measured step."""
     d, elem = run.dims, torch.empty((), dtype=run.dtype).element_size()
+    full, full_ms = replace(d, layers=depth.layers), depth.step_ms
     rows = []
     for op in CANDIDATE_OPS + REFERENCE_OPS:
-        calls = calls_per_step(op, d)
+        calls, full_calls = calls_per_step(op, d), calls_per_step(op, full)
         n_bytes = min_bytes(op, d, elem)
         flops = attention_model_flops(d) if op == "attention" else 0.0
         floor_ms = max(n_bytes / (copy_gbps * 1e9), flops / (mm_tflops * 1e12)) * 1e3
@@ -338,14 +392,14 @@ def bench_ops(run: Run, config: LlamaConfig, step_ms: float, copy_gbps: float, m
             except Exception as exc:  # a kernel that cannot take this shape must not stop the table
                 run.bench.say(f"{op} {impl}: failed ({type(exc).__name__}: {exc}); row skipped")
                 continue
-            per_step = ms * calls
-            saving = max(0.0, per_step - floor_ms * calls) / step_ms
+            per_step = ms * full_calls
+            saving = max(0.0, per_step - floor_ms * full_calls) / full_ms
             kind = "candidate" if op in CANDIDATE_OPS else "reference: a kernel exists"
             if op == "attention" and impl == "eager":
                 kind += "; the PyTorch path is scaled_dot_product_attention"
-            rows.append(Result("op", op, impl, case.shape, dtype_name(run.dtype), calls, ms, per_step,
-                               per_step / step_ms, n_bytes, n_bytes / (ms * 1e-3) / 1e9, floor_ms * calls,
-                               saving, note=kind))
+            rows.append(Result("op", op, impl, case.shape, dtype_name(run.dtype), depth.layers, full_calls, ms,
+                               per_step, per_step / full_ms, ms * calls / measured_ms, n_bytes,
+                               n_bytes / (ms * 1e-3) / 1e9, floor_ms * full_calls, saving, note=kind))
             del case
     return rows
 
@@ -355,22 +409,23 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def format_table(results: list[Result], verdicts: bool) -> str:
+def format_table(results: list[Result], depth: DepthEstimate, verdicts: bool) -> str:
     """The step and per-op tables; ``verdicts`` adds the decision column (off for CPU smoke runs)."""
-    step = [["step", "impl", "shape", "ms", "tokens/s", "model TFLOP/s", "loss", "note"]]
+    step = [["step", "impl", "layers", "shape", "ms", "tokens/s", "model TFLOP/s", "loss", "note"]]
     for r in results:
-        if r.section == "step":
-            step.append([r.name, r.impl, r.shape, _fmt(r.ms, ".3f"), _fmt(r.tokens_per_s, ".0f"),
+        if r.section in ("step", "depth"):
+            step.append([r.name, r.impl, _fmt(r.layers, "d"), r.shape, _fmt(r.ms, ".3f"), _fmt(r.tokens_per_s, ".0f"),
                          _fmt(r.tflops, ".2f"), _fmt(r.loss, ".5f"), r.note])
-    op = [["op", "impl", "shape", "calls", "ms/call", "ms/step", "of step", "MB/call", "GB/s",
-           "floor ms/step", "max saving", "worth a kernel"]]
+    at, est = f"L{depth.layers}", "" if depth.problem else " (est.)"
+    op = [["op", "impl", "shape", f"calls {at}", "ms/call", f"ms/step {at}", f"of L{depth.measured_layers} step",
+           f"of {at} step{est}", "MB/call", "GB/s", f"floor ms/step {at}", f"max saving {at}", "worth a kernel"]]
     for r in results:
         if r.section == "op":
             worth = "yes" if r.max_saving_share >= SAVING_THRESHOLD else "no"
             worth = worth if verdicts and r.impl == "eager" else "" if verdicts else "n/a (CPU)"
             op.append([r.name, r.impl, r.shape, str(r.calls_per_step), _fmt(r.ms, ".4f"), _fmt(r.ms_per_step, ".4f"),
-                       _fmt(100 * r.step_share, ".1f") + "%", _fmt(r.bytes_per_call / 1e6, ".2f"),
-                       _fmt(r.gbps, ".1f"), _fmt(r.floor_ms_per_step, ".4f"),
+                       _fmt(100 * r.measured_step_share, ".1f") + "%", _fmt(100 * r.step_share, ".1f") + "%",
+                       _fmt(r.bytes_per_call / 1e6, ".2f"), _fmt(r.gbps, ".1f"), _fmt(r.floor_ms_per_step, ".4f"),
                        _fmt(100 * r.max_saving_share, ".1f") + "%", worth])
     return _columns(step) + "\n\n" + _columns(op)
 
@@ -439,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.say(f"device: {device_name}; torch {torch.__version__}; triton {triton_version}; dtype {dtype_name(dtype)}")
     bench.say(f"preset {args.preset} ({preset.note}): hidden {dims.hidden}, heads {dims.heads}, kv heads "
               f"{dims.kv_heads}, head dim {dims.head_dim}, intermediate {dims.intermediate}, vocab {dims.vocab}, "
-              f"layers {dims.layers}; batch {dims.batch} x seq {dims.seq} = {dims.tokens} tokens")
+              f"layers {dims.layers} of {preset.full_layers}; batch {dims.batch} x seq {dims.seq} = {dims.tokens} tokens")
     bench.say("loss: engine.parallel.cross_entropy.vocab_parallel_cross_entropy without a group (fp32 upcast "
               "of the logits), mean over tokens; the optimizer update is not timed")
     bench.say("model FLOPs = 6 * P * tokens + 3 * layers * 4 * b * heads * seq^2 * head_dim / 2 "
@@ -462,19 +517,27 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(bench_step(run, config, kernels_on=True))
         off, on = steps
         bench.say(f"kernels on vs off: {off.ms / on.ms:.2f}x faster; loss differs by {abs(on.loss - off.loss):.2e}")
-    run.results += steps
+    reference = steps[-1]
+    # One layer fewer, same mode: the difference is one layer's cost (see extrapolate_depth).
+    shallow = bench_step(run, replace(config, num_hidden_layers=dims.layers - 1), kernels_on=cuda)
+    depth = extrapolate_depth((shallow.layers, shallow.ms), (dims.layers, reference.ms), preset.full_layers)
+    run.results += steps + [shallow] + depth_rows(depth, shallow, reference, dims.tokens)
+    bench.say(f"WARNING: {depth.problem}" if depth.problem else
+              f"full depth ({depth.full_layers} layers, {reference.impl}): per layer {depth.per_layer_ms:.3f} ms, "
+              f"outside the layers {depth.outside_ms:.3f} ms, estimated step {depth.step_ms:.3f} ms; an "
+              f"extrapolation linear in depth on one device (no pipeline or tensor-parallel effects)")
     if cuda:
         torch.cuda.empty_cache()  # the step's models are gone; give the per-op buffers room
-    reference = steps[-1]
-    bench.say(f"op shares are of the {reference.impl} step ({reference.ms:.3f} ms); floors at "
-              f"{copy_gbps:.1f} GB/s copy and {mm_tflops:.2f} TFLOP/s matmul")
-    op_rows = bench_ops(run, config, reference.ms, copy_gbps, mm_tflops)
+    bench.say(f"op shares are of the measured {dims.layers}-layer step ({reference.ms:.3f} ms) and of the "
+              f"{depth.layers}-layer step ({depth.step_ms:.3f} ms, {'measured' if depth.problem else 'estimated'}), "
+              f"verdicts on the latter; floors at {copy_gbps:.1f} GB/s copy, {mm_tflops:.2f} TFLOP/s matmul")
+    op_rows = bench_ops(run, config, reference.ms, depth, copy_gbps, mm_tflops)
     run.results += op_rows
-    eager_total = sum(r.ms_per_step for r in op_rows if r.impl == "eager")
-    bench.say(f"the five ops eager sum to {100 * eager_total / reference.ms:.1f}% of the step; the rest is "
+    eager = [r for r in op_rows if r.impl == "eager"]
+    bench.say(f"the five ops eager sum to {100 * sum(r.measured_step_share for r in eager):.1f}% of the measured "
+              f"step, {100 * sum(r.step_share for r in eager):.1f}% of the {depth.layers}-layer step; the rest is "
               f"matmuls, embedding, residual adds, casts and autograd bookkeeping")
-
-    table = format_table(run.results, verdicts=cuda)
+    table = format_table(run.results, depth, verdicts=cuda)
     print(table)
     write_outputs(args.out, run.results, header + bench.messages, table)
     print(f"wrote {args.out}/results.csv, table.txt")
