@@ -416,7 +416,7 @@ def format_table(results: list[Result], depth: DepthEstimate, verdicts: bool) ->
         if r.section in ("step", "depth"):
             step.append([r.name, r.impl, _fmt(r.layers, "d"), r.shape, _fmt(r.ms, ".3f"), _fmt(r.tokens_per_s, ".0f"),
                          _fmt(r.tflops, ".2f"), _fmt(r.loss, ".5f"), r.note])
-    at, est = f"L{depth.layers}", "" if depth.problem else " (est.)"
+    at, est = f"L{depth.layers}", " (no estimate)" if depth.problem else " (est.)"
     op = [["op", "impl", "shape", f"calls {at}", "ms/call", f"ms/step {at}", f"of L{depth.measured_layers} step",
            f"of {at} step{est}", "MB/call", "GB/s", f"floor ms/step {at}", f"max saving {at}", "worth a kernel"]]
     for r in results:
@@ -528,15 +528,16 @@ def main(argv: list[str] | None = None) -> int:
               f"extrapolation linear in depth on one device (no pipeline or tensor-parallel effects)")
     if cuda:
         torch.cuda.empty_cache()  # the step's models are gone; give the per-op buffers room
-    bench.say(f"op shares are of the measured {dims.layers}-layer step ({reference.ms:.3f} ms) and of the "
-              f"{depth.layers}-layer step ({depth.step_ms:.3f} ms, {'measured' if depth.problem else 'estimated'}), "
-              f"verdicts on the latter; floors at {copy_gbps:.1f} GB/s copy, {mm_tflops:.2f} TFLOP/s matmul")
+    measured = f"the measured {dims.layers}-layer step ({reference.ms:.3f} ms)"
+    bench.say(f"op shares are of {measured} " + ("only (no full-depth estimate)" if depth.problem else
+              f"and of the estimated {depth.layers}-layer step ({depth.step_ms:.3f} ms), verdicts on the latter")
+              + f"; floors at {copy_gbps:.1f} GB/s copy, {mm_tflops:.2f} TFLOP/s matmul")
     op_rows = bench_ops(run, config, reference.ms, depth, copy_gbps, mm_tflops)
     run.results += op_rows
     eager = [r for r in op_rows if r.impl == "eager"]
+    estimated = "" if depth.problem else f", {100 * sum(r.step_share for r in eager):.1f}% of the estimated one"
     bench.say(f"the five ops eager sum to {100 * sum(r.measured_step_share for r in eager):.1f}% of the measured "
-              f"step, {100 * sum(r.step_share for r in eager):.1f}% of the {depth.layers}-layer step; the rest is "
-              f"matmuls, embedding, residual adds, casts and autograd bookkeeping")
+              f"step{estimated}; the rest is matmuls, embedding, residual adds, casts and autograd bookkeeping")
     table = format_table(run.results, depth, verdicts=cuda)
     print(table)
     write_outputs(args.out, run.results, header + bench.messages, table)
