@@ -21,10 +21,10 @@ group and over the query blocks that are not fully masked, and keeps dK and dV i
 separate dQ kernel runs one program per (query block, batch * head) over the key blocks up to the
 diagonal. Gradients are written in the input dtype.
 
-Loads (USE_TMA): on Hopper and newer GPUs, q/k/v/dO tiles can arrive through TMA descriptors over
+Loads (USE_TMA): on Hopper (compute capability 9.x), q/k/v/dO tiles can arrive through TMA descriptors over
 the [batch, seq, heads, head_dim] tensors (bulk copies into shared memory, zero-filled past the
 sequence end, no per-element address registers), output tiles leaving the same way; otherwise through
-pointer loads with row masks. On Hopper the tuner times both paths; pointer loads serve older GPUs and
+pointer loads with row masks. On Hopper the tuner times both paths; pointer loads serve other GPUs and
 tensors whose base or strides are not 16-byte aligned.
 
 Block sizes (kernels/attention_tiles.py): small fixed tiles on CPU (the Triton interpreter,
@@ -47,8 +47,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels.attention_tiles import (DKDV_CANDIDATES, DQ_CANDIDATES, FWD_CANDIDATES, LOAD_PATHS,
-                                     TILE_KINDS_OF_PATH, AttentionBlocks, default_blocks, descriptors,
-                                     head_dim_class, load_path, set_descriptor_blocks, tma_addressable)
+                                     MAX_ROW_OFFSET, TILE_KINDS_OF_PATH, AttentionBlocks, default_blocks,
+                                     descriptors, head_dim_class, load_path, set_descriptor_blocks,
+                                     tma_addressable)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -196,9 +197,10 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh,
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+    rows = offs_m.to(tl.int64)  # memory-bound: 64-bit row offsets cost nothing here
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dos
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + off_bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
@@ -371,8 +373,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_desc, k_desc, v_desc, do_
 def _configs(candidates: dict, head_dim_cls: int, path: str) -> list:
     configs = []
     for kind in TILE_KINDS_OF_PATH[path]:
+        # Only tuners that get descriptors need the hook (a hook also turns off Triton's on-disk
+        # tuning cache).
+        hook = set_descriptor_blocks if path in ("tma", "either") else None
         configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": kind == "tma"}, num_warps=w,
-                                  num_stages=s, pre_hook=set_descriptor_blocks)
+                                  num_stages=s, pre_hook=hook)
                     for m, n, w, s in candidates[(head_dim_cls, kind)]]
     return configs
 
@@ -494,7 +499,10 @@ def _forward(q, k, v, causal: bool, softmax_scale: float, blocks: AttentionBlock
     if out.numel() == 0:
         return out, lse
     blocks = _tuned_or_none(blocks, q, path)
-    args = (q, k, v, out, lse if store_lse else out, *descriptors(path, q, k, v, out),
+    # Without a backward the LSE is not stored; a one-element fp32 stand-in keeps the tuner's key
+    # (which includes the tensor dtypes) and so its tile choice the same as with one.
+    lse_arg = lse if store_lse else torch.empty(1, dtype=torch.float32, device=q.device)
+    args = (q, k, v, out, lse_arg, *descriptors(path, q, k, v, out),
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), heads, seq,
             triton.next_power_of_2(seq), softmax_scale * LOG2E)
     kwargs = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, CAUSAL=bool(causal), STORE_LSE=store_lse,
@@ -513,8 +521,9 @@ def _backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float,
     if dq.numel() == 0:
         return dq, dk, dv
     do = _head_dim_major(do)
-    if path in ("tma", "either") and not tma_addressable(do):
-        do = do.contiguous()
+    if ((path in ("tma", "either") and not tma_addressable(do))
+            or do.shape[1] * do.stride(1) >= MAX_ROW_OFFSET):
+        do = do.clone(memory_format=torch.contiguous_format)  # aligned, rows heads * head_dim apart
     blocks = _tuned_or_none(blocks, q, path)
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     pre_m = (blocks or AttentionBlocks).preprocess_m
@@ -563,10 +572,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     and uses fixed ones elsewhere. Without autograd (torch.no_grad, or no input requiring grad)
     nothing is kept for a backward.
 
-    use_tma: None on a Hopper or newer GPU, with 16-bit tensors whose base and strides are 16-byte
-    aligned, lets the tuner time both load paths (TMA descriptors and pointer loads) and keep the
-    faster, or takes TMA with explicit blocks; elsewhere pointer loads. True requires TMA (an error
-    where it cannot be used), False never uses it.
+    use_tma: None on a Hopper GPU (compute capability 9.x) with 16-bit tensors whose base and strides
+    are 16-byte aligned, and blocks=None, lets the tuner time both load paths (TMA descriptors and
+    pointer loads) and keep the faster; otherwise pointer loads. True requires TMA (Hopper, fp16 or
+    bf16, aligned tensors; an error naming what is missing otherwise), False never uses it.
     """
     _check_inputs(q, k, v)
     head_dim = q.shape[-1]

@@ -53,8 +53,9 @@ class AttentionBlocks:
 
 
 # Candidate lists are keyed by (head_dim class, kind): "tma" and "pointer" are the two load paths on
-# Hopper (wgmma tensor cores), "ampere" the pointer loads of compute capability 8.x (mma.sync, fewer
-# registers to spare: most Hopper tiles spill there).
+# Hopper (compute capability 9.x, wgmma tensor cores), "ampere" the pointer loads of compute
+# capability 8.x (mma.sync, fewer registers to spare: most Hopper tiles spill there). Other
+# generations get the ampere lists too, which nobody has compiled or timed for them yet.
 #
 # Forward tiles follow the usual choice of 128 queries x 64 keys where it fits. The dK/dV pass keeps
 # two [block_n, head_dim] fp32 accumulators in registers: with TMA loads at head_dim 128, 32 x 128
@@ -96,7 +97,7 @@ def head_dim_class(head_dim: int) -> int:
 
 def tile_kind(device: torch.device | str, use_tma: bool) -> str:
     """The candidate-list kind for a CUDA device and load path (see the lists above)."""
-    if torch.cuda.get_device_capability(torch.device(device))[0] < 9:
+    if not hopper(torch.device(device)):
         return "ampere"
     return "tma" if use_tma else "pointer"
 
@@ -141,30 +142,58 @@ def tma_addressable(t: torch.Tensor) -> bool:
             and all(s * size % 16 == 0 for s in t.stride()[:-1]))
 
 
-def tma_hardware(device: torch.device) -> bool:
-    """Tensor-memory-accelerator copies exist from compute capability 9.0 (Hopper) on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+def hopper(device: torch.device) -> bool:
+    """Compute capability 9.x: tensor-memory-accelerator copies and the lists tuned for them. (Later
+    generations have TMA too, but these tiles were only checked for sm_90.)"""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def load_path(use_tma: bool | None, blocks: AttentionBlocks | None, q, k, v) -> str:
-    """One of LOAD_PATHS for flash_attention's use_tma argument (see its doc)."""
-    addressable = all(tma_addressable(t) for t in (q, k, v))
-    if q.device.type == "cuda" and not tma_hardware(q.device) and not use_tma:
+    """One of LOAD_PATHS for flash_attention's use_tma argument (see its doc).
+
+    Explicit blocks without use_tma take pointer loads, the path default_blocks() picks tiles for
+    by default; fp32 (the exact testing path) never takes TMA.
+    """
+    if needs_wide_row_offsets(q, k, v):
+        # Pointer loads compute row offsets in 32 bits; TMA addresses rows by coordinate.
+        if use_tma is False or not tma_possible(q, k, v):
+            raise ValueError(f"flash_attention: seq {q.shape[1]} x row stride reaches 2^31 elements, "
+                             "beyond the pointer loads' 32-bit row offsets; this length needs the TMA "
+                             "path (Hopper, fp16/bf16, 16-byte-aligned tensors, use_tma not False)")
+        return "tma"
+    if q.device.type == "cuda" and not hopper(q.device) and not use_tma:
         return "ampere"
-    if use_tma is None:  # fp32 is the exact testing path: it keeps the pointer loads
-        if not (addressable and tma_hardware(q.device) and q.dtype != torch.float32):
-            return "pointer"
-        return "either" if blocks is None else "tma"
     if not use_tma:
-        return "pointer"
-    if q.device.type == "cuda" and not tma_hardware(q.device):
-        raise ValueError(f"flash_attention: use_tma=True needs compute capability >= 9.0; "
+        tunable = use_tma is None and blocks is None and tma_possible(q, k, v)
+        return "either" if tunable else "pointer"
+    if q.device.type == "cuda" and not hopper(q.device):
+        raise ValueError(f"flash_attention: use_tma=True needs a compute capability 9.x GPU (Hopper); "
                          f"{torch.cuda.get_device_name(q.device)} has "
                          f"{'.'.join(map(str, torch.cuda.get_device_capability(q.device)))}")
-    if not addressable:
-        raise ValueError("flash_attention: use_tma=True needs q, k, v with 16-byte-aligned data "
-                         "pointers and strides (pass contiguous tensors, or use_tma=None)")
+    if q.dtype == torch.float32:
+        raise ValueError("flash_attention: use_tma=True takes fp16 or bf16 tensors; fp32 runs with "
+                         "pointer loads (use_tma=None or False)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not tma_addressable(t):
+            raise ValueError(f"flash_attention: use_tma=True needs 16-byte-aligned data pointers and "
+                             f"strides; {name} has data pointer {t.data_ptr()} and strides "
+                             f"{tuple(t.stride())} ({t.element_size()}-byte elements; pass contiguous "
+                             "tensors, or use_tma=None)")
     return "tma"
+
+
+MAX_ROW_OFFSET = 2**31
+
+
+def needs_wide_row_offsets(q, k, v) -> bool:
+    """Whether seq x row stride of an input or of the [b, s, h, d] output reaches 2^31 elements."""
+    seq, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    return seq * max(q.stride(1), k.stride(1), v.stride(1), heads * head_dim) >= MAX_ROW_OFFSET
+
+
+def tma_possible(q, k, v) -> bool:
+    return (hopper(q.device) and q.dtype != torch.float32
+            and all(tma_addressable(t) for t in (q, k, v)))
 
 
 def descriptors(path: str, *tensors: torch.Tensor) -> tuple:

@@ -105,17 +105,36 @@ def test_wide_tiles_match_reference(seq, causal, dtype):
 
 # The TMA path (descriptor loads, zero fill and clipped stores past the sequence end) in the
 # interpreter, which applies the descriptors' bounds the way the copy engine does.
-TMA_CASES = [(1, 17, 2, 2, 16, True, torch.float32), (2, 33, 4, 1, 32, False, torch.float16),
-             (1, 50, 8, 2, 16, True, torch.float16), (1, 1, 4, 2, 16, True, torch.float32)]
+TMA_CASES = [(1, 17, 2, 2, 16, True), (2, 33, 4, 1, 32, False), (1, 50, 8, 2, 16, True),
+             (1, 1, 4, 2, 16, True)]
+
+
+@pytest.fixture
+def descriptor_paths(monkeypatch):
+    """The load path of every descriptors() call, so a test can tell that TMA really ran."""
+    import kernels.attention as A
+
+    seen = []
+    real = A.descriptors
+
+    def spy(path, *tensors):
+        seen.append(path)
+        return real(path, *tensors)
+
+    monkeypatch.setattr(A, "descriptors", spy)
+    return seen
 
 
 @pytest.mark.triton
 @INTERPRETER_ONLY
-@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim,causal,dtype", TMA_CASES)
-def test_tma_descriptor_path_matches_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype):
-    _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype, use_tma=True)
-    _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype, use_tma=True,
-                             blocks=WIDE_BLOCKS)
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim,causal", TMA_CASES)
+def test_tma_descriptor_path_matches_reference(batch, seq, heads, kv_heads, head_dim, causal,
+                                               descriptor_paths):
+    for blocks in (None, WIDE_BLOCKS):
+        descriptor_paths.clear()
+        _check_against_reference(batch, seq, heads, kv_heads, head_dim, causal, torch.float16,
+                                 use_tma=True, blocks=blocks)
+        assert descriptor_paths == ["tma"] * 3, descriptor_paths  # forward, dK/dV, dQ
 
 
 @pytest.mark.triton
@@ -165,10 +184,40 @@ def test_tuner_candidates_are_correct(head_dim, seq, causal, path, monkeypatch):
 def test_tma_refuses_unaligned_tensors():
     q, k, v = _inputs(1, 17, 2, 2, 16, torch.float16)
     q_odd = torch.zeros(1 * 17 * 2 * 16 + 1, dtype=torch.float16)[1:].view(1, 17, 2, 16)
-    with pytest.raises(ValueError, match="16-byte-aligned"):
+    with pytest.raises(ValueError, match="16-byte-aligned.*q has data pointer"):
         flash_attention(q_odd, k.detach(), v.detach(), use_tma=True)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        flash_attention(q.detach().float(), k.detach().float(), v.detach().float(), use_tma=True)
     # Automatic choice on CPU: pointer loads, no error.
     flash_attention(q_odd, k.detach(), v.detach())
+
+
+def test_sequences_beyond_32_bit_row_offsets_are_refused_on_pointer_loads():
+    """seq x row stride >= 2^31 elements: pointer loads would overflow, so without TMA it is an error
+    (meta tensors: the check happens before anything is allocated or launched)."""
+    q = torch.empty(1, 2**20, 16, 128, device="meta", dtype=torch.float16)
+    k = v = torch.empty(1, 2**20, 4, 128, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match="32-bit row offsets"):
+        flash_attention(q, k, v)
+    fused = torch.empty(1, 2**19, 2 * 16 * 128, device="meta", dtype=torch.float16)
+    q_view = fused[..., :16 * 128].unflatten(-1, (16, 128))  # half the length, twice the row stride
+    with pytest.raises(ValueError, match="32-bit row offsets"):
+        flash_attention(q_view, k[:, :2**19], v[:, :2**19], use_tma=False)
+
+
+@pytest.mark.triton
+@INTERPRETER_ONLY
+def test_tma_with_a_misaligned_output_gradient(descriptor_paths):
+    """dO that a descriptor cannot address (base off by one element) is copied, not refused."""
+    q, k, v = _inputs(1, 21, 4, 2, 16, torch.float16)
+    dout = torch.randn(1, 21, 4, 16, generator=torch.Generator().manual_seed(2)).half()
+    dout_odd = torch.zeros(dout.numel() + 1, dtype=torch.float16)[1:].view(dout.shape)
+    dout_odd.copy_(dout)
+    got = _run(flash_attention, q, k, v, dout_odd, use_tma=True)
+    want = _reference(q, k, v, dout, True)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        _assert_close(name, g, w, torch.float16)
+    assert descriptor_paths == ["tma"] * 3
 
 
 @pytest.mark.triton
@@ -242,13 +291,15 @@ def test_causal_never_visits_key_tiles_above_the_diagonal():
 
 @pytest.mark.triton
 @INTERPRETER_ONLY
-def test_strided_views_of_a_fused_projection():
+@pytest.mark.parametrize("use_tma,dtype", [(None, torch.float32), (True, torch.float16)])
+def test_strided_views_of_a_fused_projection(use_tma, dtype):
     """q, k, v sliced out of one [batch, seq, (heads + 2 * kv_heads) * head_dim] tensor, and a
-    [batch, heads, seq, head_dim] tensor seen as [batch, seq, heads, head_dim]: strides honoured,
-    gradients flow back into the fused tensor."""
+    [batch, heads, seq, head_dim] tensor seen as [batch, seq, heads, head_dim]: strides honoured
+    (by pointer loads, and by TMA descriptors), gradients flow back into the fused tensor."""
     batch, seq, heads, kv_heads, head_dim = 2, 21, 4, 2, 16
     gen = torch.Generator().manual_seed(5)
-    fused = torch.randn(batch, seq, (heads + 2 * kv_heads) * head_dim, generator=gen, requires_grad=True)
+    fused = torch.randn(batch, seq, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    fused.requires_grad_()
 
     def split(t):
         q, k, v = t.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -257,20 +308,21 @@ def test_strided_views_of_a_fused_projection():
 
     q, k, v = split(fused)
     assert not q.is_contiguous()
-    dout = torch.randn(batch, seq, heads, head_dim, generator=gen)
-    out = flash_attention(q, k, v)
+    dout = torch.randn(batch, seq, heads, head_dim, generator=gen).to(dtype)
+    out = flash_attention(q, k, v, use_tma=use_tma)
     (grad_fused,) = torch.autograd.grad(out, fused, dout)
-    fused32 = fused.detach().clone().requires_grad_()
+    fused32 = fused.detach().float().requires_grad_()
     want = attention_reference(*split(fused32), True)
-    (want_grad,) = torch.autograd.grad(want, fused32, dout)
-    _assert_close("out", out, want, torch.float32)
-    _assert_close("d fused", grad_fused, want_grad, torch.float32)
+    (want_grad,) = torch.autograd.grad(want, fused32, dout.float())
+    _assert_close("out", out, want, dtype)
+    _assert_close("d fused", grad_fused, want_grad, dtype)
 
-    q_bhsd = torch.randn(batch, heads, seq, head_dim, generator=gen).transpose(1, 2)
+    q_bhsd = torch.randn(batch, heads, seq, head_dim, generator=gen).to(dtype).transpose(1, 2)
     k_c, v_c = k.detach().contiguous(), v.detach().contiguous()
     with torch.no_grad():
-        _assert_close("out (seq-strided q)", flash_attention(q_bhsd, k_c, v_c, causal=False),
-                      attention_reference(q_bhsd, k_c, v_c, False), torch.float32)
+        _assert_close("out (seq-strided q)", flash_attention(q_bhsd, k_c, v_c, causal=False,
+                                                             use_tma=use_tma),
+                      attention_reference(q_bhsd.float(), k_c.float(), v_c.float(), False), dtype)
 
 
 def test_reference_matches_sdpa():

@@ -265,7 +265,7 @@ def attention_impls(bench: Bench) -> dict:
         impls["triton"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(
             q, k, v, causal=c, softmax_scale=s), "")
         if bench.device.type == "cuda" and torch.cuda.get_device_capability(bench.device)[0] >= 9:
-            # "triton" loads tiles through TMA descriptors here; time the pointer loads as well.
+            # Here "triton" tunes over TMA and pointer loads together; time pointer loads alone too.
             impls["triton pointer"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(
                 q, k, v, causal=c, softmax_scale=s, use_tma=False), "pointer loads instead of TMA")
     except Exception as e:

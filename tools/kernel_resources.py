@@ -10,9 +10,13 @@ register spills to local memory), shared memory per program, and how many wgmma 
 and TMA (bulk tensor copy) instructions the PTX holds. Triton compiles with its bundled ptxas, so the
 numbers are the ones a GPU with this Triton would run; no CUDA device or driver is needed.
 
-Pointer arguments, sizes and strides get the divisibility-16 attributes a real launch with
-contiguous 16-bit tensors and 16-multiple sizes would give them; descriptors get the tile shapes of
-the configuration, as the launch pre-hook sets them.
+The builds model a launch with 16-byte-aligned tensors and a sequence length that is a multiple of
+16: pointer arguments, strides and seq_len / n_cols get Triton's divisibility-16 attribute, and
+descriptors the tile shapes of the configuration (as the launch pre-hook sets them). What differs
+from some real launches: an odd sequence length drops seq_len's attribute (the head_dim-128 pointer
+forward then takes 211 registers instead of 202, still without a stack); integer arguments equal to
+1 (num_kv_heads=1, seq_len=1), which Triton turns into constants, are not modelled; the forward is
+built with STORE_LSE=True (training), not the inference variant.
 """
 from __future__ import annotations
 
