@@ -106,8 +106,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if (_want_kernel(q, k, v) and q.dtype in _FLASH_DTYPES
-            and (mod := _kernel_module("attention")) is not None
-            and q.shape[-1] in getattr(mod, "SUPPORTED_HEAD_DIMS", (64, 128))
-            and q.shape[0] * q.shape[2] <= getattr(mod, "MAX_BATCH_HEADS", 65535)):
+            and (mod := _kernel_module("attention")) is not None and mod.supports(q, k, v)):
         return mod.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)

@@ -48,8 +48,8 @@ from torch.autograd.function import once_differentiable
 
 from kernels.attention_tiles import (DKDV_CANDIDATES, DQ_CANDIDATES, FWD_CANDIDATES, LOAD_PATHS,
                                      MAX_ROW_OFFSET, TILE_KINDS_OF_PATH, AttentionBlocks, default_blocks,
-                                     descriptors, head_dim_class, load_path, set_descriptor_blocks,
-                                     tma_addressable)
+                                     descriptors, head_dim_class, load_path, needs_wide_row_offsets,
+                                     set_descriptor_blocks, tma_addressable, tma_possible)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -588,6 +588,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         return _FlashAttention.apply(q, k, v, bool(causal), scale, blocks, path)
     out, _ = _forward(q, k, v, bool(causal), scale, blocks, store_lse=False, path=path)
     return out
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether flash_attention can take these (shape-compatible) inputs: dtype, head_dim, the
+    launch grid, and sequence lengths whose row offsets need TMA only where TMA is possible."""
+    batch, _, heads, head_dim = q.shape
+    return (q.dtype in SUPPORTED_DTYPES and head_dim in SUPPORTED_HEAD_DIMS
+            and batch * heads <= MAX_BATCH_HEADS
+            and (not needs_wide_row_offsets(q, k, v) or tma_possible(q, k, v)))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

@@ -192,13 +192,23 @@ def test_tma_refuses_unaligned_tensors():
     flash_attention(q_odd, k.detach(), v.detach())
 
 
-def test_sequences_beyond_32_bit_row_offsets_are_refused_on_pointer_loads():
+def test_sequences_beyond_32_bit_row_offsets_are_refused_on_pointer_loads(monkeypatch):
     """seq x row stride >= 2^31 elements: pointer loads would overflow, so without TMA it is an error
-    (meta tensors: the check happens before anything is allocated or launched)."""
+    (meta tensors: the check happens before anything is allocated or launched), and engine.ops (its
+    CUDA path forced here) sends such calls to PyTorch instead."""
+    import kernels.attention as attention_module
+    from engine import ops
+
     q = torch.empty(1, 2**20, 16, 128, device="meta", dtype=torch.float16)
     k = v = torch.empty(1, 2**20, 4, 128, device="meta", dtype=torch.float16)
     with pytest.raises(ValueError, match="32-bit row offsets"):
         flash_attention(q, k, v)
+    assert not attention_module.supports(q, k, v)
+    assert attention_module.supports(q[:, :2**19], k[:, :2**19], v[:, :2**19])
+    called = []
+    monkeypatch.setattr(attention_module, "flash_attention", lambda *a, **kw: called.append(1))
+    monkeypatch.setattr(ops, "_want_kernel", lambda *tensors: True)
+    assert ops.attention(q, k, v).shape == q.shape and called == []
     fused = torch.empty(1, 2**19, 2 * 16 * 128, device="meta", dtype=torch.float16)
     q_view = fused[..., :16 * 128].unflatten(-1, (16, 128))  # half the length, twice the row stride
     with pytest.raises(ValueError, match="32-bit row offsets"):
