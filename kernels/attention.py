@@ -73,6 +73,22 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: boo
 
 
 @triton.jit
+def _tile_ptrs(base, b, h, stride_b, stride_h, stride_s, rows, cols):
+    """Pointers to [rows, cols] of head h in batch b (b and h 64-bit, so large tensors do not wrap)."""
+    return base + b * stride_b + h * stride_h + rows[:, None] * stride_s + cols[None, :]
+
+
+@triton.jit
+def _query_tile_program(num_heads, GROUP: tl.constexpr):
+    """(query tile, batch * head, batch, head, kv head) of this program in a query-tile grid."""
+    # Last query tiles first: under causal they carry the most work, so the short ones fill the tail.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_h = off_bh % num_heads
+    return start_m, off_bh, off_bh // num_heads, off_h, off_h // GROUP
+
+
+@triton.jit
 def _load_rows(desc, ptrs, stride_s, off_b, off_h, start, seq_len, BLOCK: tl.constexpr,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Rows [start, start + BLOCK) of one head as a [BLOCK, HEAD_DIM] tile; rows past the end are 0.
@@ -136,12 +152,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, q_desc, k_desc, v_desc, o_desc,
                      STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    # Last query tiles first: under causal they carry the most work, so the short ones fill the tail.
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    off_kvh = off_h // GROUP
+    start_m, off_bh, off_b, off_h, off_kvh = _query_tile_program(num_heads, GROUP)
     b64, h64, kvh64 = off_b.to(tl.int64), off_h.to(tl.int64), off_kvh.to(tl.int64)
 
     m0 = start_m * BLOCK_M
@@ -150,9 +161,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, q_desc, k_desc, v_desc, o_desc,
     offs_d = tl.arange(0, HEAD_DIM)
     # Pointer tiles at row 0 of this head (unused, and compiled away, on the TMA path).
     rows_m = tl.arange(0, BLOCK_M)
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :]
-    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    q_ptrs = _tile_ptrs(Q, b64, h64, stride_qb, stride_qh, stride_qs, rows_m, offs_d)
+    k_ptrs = _tile_ptrs(K, b64, kvh64, stride_kb, stride_kh, stride_ks, offs_n, offs_d)
+    v_ptrs = _tile_ptrs(V, b64, kvh64, stride_vb, stride_vh, stride_vs, offs_n, offs_d)
     q = _load_rows(q_desc, q_ptrs, stride_qs, off_b, off_h, m0, seq_len, BLOCK_M, HEAD_DIM, True,
                    USE_TMA)
 
@@ -179,7 +190,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, q_desc, k_desc, v_desc, o_desc,
     # Rows past the sequence end can have l_i == 0; they are not stored, but must not trap.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + rows_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = _tile_ptrs(O, b64, h64, stride_ob, stride_oh, stride_os, rows_m, offs_d)
     _store_rows(o_desc, o_ptrs, stride_os, off_b, off_h, m0, seq_len, out, BLOCK_M, HEAD_DIM, USE_TMA)
     if STORE_LSE:
         lse = m_i + tl.math.log2(l_safe)
@@ -198,10 +209,10 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
     rows = offs_m.to(tl.int64)  # memory-bound: 64-bit row offsets cost nothing here
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
+    o = tl.load(_tile_ptrs(O, off_b, off_h, stride_ob, stride_oh, stride_os, rows, offs_d),
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dos
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile_ptrs(DO, off_b, off_h, stride_dob, stride_doh, stride_dos, rows, offs_d),
+                 mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + off_bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
 
@@ -261,8 +272,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, HEAD_DIM)
     rows_n = tl.arange(0, BLOCK_N)
     # Key rows past the sequence end load as zeros; their dK / dV rows are computed but not stored.
-    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + rows_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + kvh64 * stride_vh + rows_n[:, None] * stride_vs + offs_d[None, :]
+    k_ptrs = _tile_ptrs(K, b64, kvh64, stride_kb, stride_kh, stride_ks, rows_n, offs_d)
+    v_ptrs = _tile_ptrs(V, b64, kvh64, stride_vb, stride_vh, stride_vs, rows_n, offs_d)
     k = _load_rows(k_desc, k_ptrs, stride_ks, off_b, off_kvh, n0, seq_len, BLOCK_N, HEAD_DIM, True,
                    USE_TMA)
     v = _load_rows(v_desc, v_ptrs, stride_vs, off_b, off_kvh, n0, seq_len, BLOCK_N, HEAD_DIM, True,
@@ -273,8 +284,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     for g in range(GROUP):
         off_h = off_kvh * GROUP + g
         h64 = off_h.to(tl.int64)
-        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m0[:, None] * stride_qs + offs_d[None, :]
-        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dos + offs_d[None, :]
+        q_ptrs = _tile_ptrs(Q, b64, h64, stride_qb, stride_qh, stride_qs, offs_m0, offs_d)
+        do_ptrs = _tile_ptrs(DO, b64, h64, stride_dob, stride_doh, stride_dos, offs_m0, offs_d)
         row_base = (b64 * num_heads + h64) * seq_len
         # Causal: query tiles before this key tile see none of it and are skipped; the tiles
         # overlapping it need the mask; the later ones see all of it.
@@ -285,8 +296,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                                   DOT_PRECISION, USE_TMA)
 
     dk = dk * softmax_scale
-    dk_ptrs = DK + b64 * stride_dkb + kvh64 * stride_dkh + rows_n[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + kvh64 * stride_dvh + rows_n[:, None] * stride_dvs + offs_d[None, :]
+    dk_ptrs = _tile_ptrs(DK, b64, kvh64, stride_dkb, stride_dkh, stride_dks, rows_n, offs_d)
+    dv_ptrs = _tile_ptrs(DV, b64, kvh64, stride_dvb, stride_dvh, stride_dvs, rows_n, offs_d)
     _store_rows(dk_desc, dk_ptrs, stride_dks, off_b, off_kvh, n0, seq_len, dk, BLOCK_N, HEAD_DIM, USE_TMA)
     _store_rows(dv_desc, dv_ptrs, stride_dvs, off_b, off_kvh, n0, seq_len, dv, BLOCK_N, HEAD_DIM, USE_TMA)
 
@@ -325,12 +336,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_desc, k_desc, v_desc, do_
                         DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    # Last query tiles first: under causal they carry the most work, so the short ones fill the tail.
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    off_kvh = off_h // GROUP
+    start_m, off_bh, off_b, off_h, off_kvh = _query_tile_program(num_heads, GROUP)
     b64, h64, kvh64 = off_b.to(tl.int64), off_h.to(tl.int64), off_kvh.to(tl.int64)
 
     m0 = start_m * BLOCK_M
@@ -339,8 +345,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_desc, k_desc, v_desc, do_
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows_m[:, None] * stride_qs + offs_d[None, :]
-    do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + rows_m[:, None] * stride_dos + offs_d[None, :]
+    q_ptrs = _tile_ptrs(Q, b64, h64, stride_qb, stride_qh, stride_qs, rows_m, offs_d)
+    do_ptrs = _tile_ptrs(DO, b64, h64, stride_dob, stride_doh, stride_dos, rows_m, offs_d)
     q = _load_rows(q_desc, q_ptrs, stride_qs, off_b, off_h, m0, seq_len, BLOCK_M, HEAD_DIM, True, USE_TMA)
     do = _load_rows(do_desc, do_ptrs, stride_dos, off_b, off_h, m0, seq_len, BLOCK_M, HEAD_DIM, True,
                     USE_TMA)
@@ -348,8 +354,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_desc, k_desc, v_desc, do_
     # Rows past the end get lse = delta = 0 and q = dO = 0: finite values, never stored.
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    k_ptrs = _tile_ptrs(K, b64, kvh64, stride_kb, stride_kh, stride_ks, offs_n, offs_d)
+    v_ptrs = _tile_ptrs(V, b64, kvh64, stride_vb, stride_vh, stride_vs, offs_n, offs_d)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     if CAUSAL:
@@ -366,7 +372,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, q_desc, k_desc, v_desc, do_
                       True, CAUSAL, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m[:, None] * stride_dqs + offs_d[None, :]
+    dq_ptrs = _tile_ptrs(DQ, b64, h64, stride_dqb, stride_dqh, stride_dqs, rows_m, offs_d)
     _store_rows(dq_desc, dq_ptrs, stride_dqs, off_b, off_h, m0, seq_len, dq, BLOCK_M, HEAD_DIM, USE_TMA)
 
 
