@@ -32,7 +32,7 @@ TRITON_INTERPRET=1), and on CUDA a short list of tile / warp / stage configurati
 tuned per (sequence bucket, head_dim, causal, group) by triton.autotune, the first entry of each list
 being the untuned default. Pass ``blocks=default_blocks(...)`` (or any AttentionBlocks) to skip tuning.
 
-FLOP accounting, shared with tools/bench_kernels.py and the docs (see attention_flops): the forward
+FLOP accounting, the same formula as tools/bench_kernels.py and the docs use (attention_flops): the forward
 is two matmuls (QK^T and PV), 4 * B * H * S^2 * D FLOPs, halved when causal; the backward is five
 matmuls (QK^T recomputed, dV, dP, dQ, dK), counted as 2.5x the forward.
 """
@@ -581,7 +581,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     use_tma: None on a Hopper GPU (compute capability 9.x) with 16-bit tensors whose base and strides
     are 16-byte aligned, and blocks=None, lets the tuner time both load paths (TMA descriptors and
     pointer loads) and keep the faster; otherwise pointer loads. True requires TMA (Hopper, fp16 or
-    bf16, aligned tensors; an error naming what is missing otherwise), False never uses it.
+    bf16, aligned tensors; an error naming what is missing otherwise), False never uses it. One
+    exception: when seq x row stride reaches 2^31 elements, beyond the pointer loads' 32-bit row
+    offsets, TMA is taken where possible and the call is refused otherwise (see supports()).
     """
     _check_inputs(q, k, v)
     head_dim = q.shape[-1]

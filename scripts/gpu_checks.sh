@@ -3,8 +3,8 @@
 #   tests    the gpu-marked tests (kernel accuracy against fp32, every tuner candidate, the Llama
 #            training with kernels against the PyTorch ops)
 #   kernels  tools/bench_kernels.py: RMSNorm and attention against PyTorch / SDPA and the ceilings
-#   step     tools/bench_step.py: one Llama training step, kernels on and off, and the share of the
-#            step that RoPE, SwiGLU and cross-entropy kernels could save
+#   step     tools/bench_step.py (llama2-7b-L2 and llama3-8b-L2 presets): one Llama training step,
+#            kernels on and off, and the share that RoPE, SwiGLU and cross-entropy kernels could save
 # Usage: bash scripts/gpu_checks.sh [tests] [kernels] [step]   (no argument: all three, in that order;
 # split them over several calls when one call's time limit is short).
 # Results land in benchmarks/results/gpu_<device>/ (archived to $OUT/gpu_<device>.tgz when $OUT is set).
@@ -35,9 +35,10 @@ for stage in "${stages[@]}"; do
     kernels)
       TRITON_PRINT_AUTOTUNING=1 $PY tools/bench_kernels.py --out "$out/kernels" 2>&1 \
         | tee "$out/kernels_log.txt" ;;
-    step)
-      $PY tools/bench_step.py --preset llama2-7b-L2 --batch 1 --seq 4096 --out "$out/step" 2>&1 \
-        | tee "$out/step_log.txt" ;;
+    step)  # Llama-2-7B widths, and Llama-3-8B's for its 4x larger vocabulary (the cross entropy)
+      ( $PY tools/bench_step.py --preset llama2-7b-L2 --batch 1 --seq 4096 --out "$out/step"; s1=$?
+        $PY tools/bench_step.py --preset llama3-8b-L2 --batch 1 --seq 4096 --out "$out/step_llama3"
+        s2=$?; exit $(( s1 || s2 )) ) 2>&1 | tee "$out/step_log.txt" ;;
     *) echo "gpu_checks: unknown stage '$stage' (tests, kernels, step)"; exit 2 ;;
   esac
   rc=${PIPESTATUS[0]}

@@ -179,6 +179,12 @@ def test_min_bytes_against_a_hand_count():
     assert tool.min_bytes("cross_entropy", d, 2) == forward + backward == 368
     # RMSNorm fp32 on [4, 8], weight 8, rstd 4: fwd x, w -> y, rstd; bwd dy, x, w, rstd -> dx, dw.
     assert tool.min_bytes("rmsnorm", d, 4) == 4 * ((32 + 8 + 32 + 4) + (32 + 32 + 8 + 4 + 32 + 8))
+    # Attention bf16: q, o, do, dq 32 elements each; k, v, dk, dv 16 each; fp32 lse 4 * 2 heads.
+    # fwd reads q, k, v and writes o, lse; bwd reads q, k, v, o, do, lse and writes dq, dk, dv.
+    lse = 4 * 2 * 4
+    forward = 2 * (32 + 16 + 16 + 32) + lse
+    backward = 2 * (32 + 16 + 16 + 32 + 32 + 32 + 16 + 16) + lse
+    assert tool.min_bytes("attention", d, 2) == forward + backward
     with pytest.raises(ValueError, match="unknown op 'gelu'"):
         tool.min_bytes("gelu", d, 2)
 

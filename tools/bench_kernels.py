@@ -264,7 +264,7 @@ def attention_impls(bench: Bench) -> dict:
         attention = importlib.import_module("kernels.attention")
         impls["triton"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(
             q, k, v, causal=c, softmax_scale=s), "")
-        if bench.device.type == "cuda" and torch.cuda.get_device_capability(bench.device)[0] >= 9:
+        if bench.device.type == "cuda" and torch.cuda.get_device_capability(bench.device)[0] == 9:
             # Here "triton" tunes over TMA and pointer loads together; time pointer loads alone too.
             impls["triton pointer"] = (lambda t: t, lambda q, k, v, c, s: attention.flash_attention(
                 q, k, v, causal=c, softmax_scale=s, use_tma=False), "pointer loads instead of TMA")

@@ -140,7 +140,7 @@ def resources(compiled) -> Resources:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sm", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--group", type=int, default=4, help="query heads per kv head")
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rmsnorm", nargs="+", metavar="ROWSxHIDDEN",
                         help="report the RMSNorm kernels at these shapes instead of attention")
     parser.add_argument("--path", choices=("tma", "pointer", "both"), default="both",
-                        help="on sm_90+: TMA descriptor or pointer loads (below sm_90: the ampere tiles)")
+                        help="on sm_90: TMA descriptor or pointer loads (other targets: the ampere tiles)")
     args = parser.parse_args(argv)
     if not os.path.exists(CUOBJDUMP):
         sys.exit(f"kernel_resources: Triton's cuobjdump is missing ({CUOBJDUMP})")
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     if args.rmsnorm:
         return _report_rmsnorm(args.rmsnorm, args.dtype, args.sm)
     kinds = {"tma": ["tma"], "pointer": ["pointer"], "both": ["tma", "pointer"]}[args.path]
-    if args.sm < 90:
+    if args.sm != 90:  # the Hopper lists serve compute capability 9.x only
         kinds = ["ampere"]
     print(f"triton {triton.__version__}, target sm_{args.sm}, {args.dtype}, GQA group {args.group}")
     print(f"{'kernel':6} {'path':7} {'d':>3} {'causal':6} {'tiles':9} {'warps':>5} {'stages':>6} "
