@@ -117,9 +117,9 @@ def default_blocks(head_dim: int, dtype: torch.dtype, device: torch.device | str
 # Load paths: "tma" and "pointer" on Hopper (see attention._load_rows), "either" where the tuner times the
 # candidates of both and keeps the fastest (Hopper, when the tensors allow descriptors), and
 # "ampere", pointer loads with the tiles of compute capability 8.x.
-LOAD_PATHS = ("tma", "pointer", "either", "ampere")
 TILE_KINDS_OF_PATH = {"tma": ("tma",), "pointer": ("pointer",), "either": ("tma", "pointer"),
-                       "ampere": ("ampere",)}
+                      "ampere": ("ampere",)}
+LOAD_PATHS = tuple(TILE_KINDS_OF_PATH)
 
 
 # Descriptors of query-side tensors hold [1, BLOCK_M, 1, HEAD_DIM] tiles, key-side ones BLOCK_N rows.
