@@ -327,19 +327,29 @@ def test_second_build_loads_from_cache_without_rebuilding(tmp_path, monkeypatch)
     assert [second[k].tolist() for k in range(30)] == [first[k].tolist() for k in range(30)]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "bad_json"])
+@pytest.mark.parametrize("damage", ["truncate", "extend", "flip", "flip_header", "reshape", "foreign",
+                                    "delete", "bad_json"])
 def test_damaged_cache_is_detected_and_rebuilt(tmp_path, damage):
     docs = _docs_for_cache()
     fresh = GPTSampleDataset(FakeIndexed(docs), 8, 11, num_epochs=2, cache_dir=str(tmp_path))
     key = fresh.cache_key
     target = tmp_path / f"{key}-boundaries.npy"
+    assert target.stat().st_size < samples.FINGERPRINT_SLICE  # the sampled hash covers it whole
+    data = bytearray(target.read_bytes())
     if damage == "truncate":
-        data = target.read_bytes()
         target.write_bytes(data[: len(data) // 2])
-    elif damage == "flip":
-        data = bytearray(target.read_bytes())
-        data[-3] ^= 0x01
+    elif damage == "extend":
+        target.write_bytes(bytes(data) + b"\0")
+    elif damage in ("flip", "flip_header"):
+        data[-3 if damage == "flip" else 20] ^= 0x01
         target.write_bytes(bytes(data))
+    elif damage == "reshape":  # same bytes, another shape in the header
+        np.save(target, np.ascontiguousarray(fresh.index.boundaries).reshape(2, -1))
+    elif damage == "foreign":  # another index's array of the same shape and size
+        other = GPTSampleDataset(FakeIndexed(docs), 8, 12, num_epochs=2, cache_dir=str(tmp_path / "o"))
+        other_file = tmp_path / "o" / f"{other.cache_key}-boundaries.npy"
+        assert other_file.stat().st_size == len(data) and other_file.read_bytes() != bytes(data)
+        target.write_bytes(other_file.read_bytes())
     elif damage == "delete":
         target.unlink()
     else:
@@ -350,3 +360,38 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, damage):
     third = GPTSampleDataset(FakeIndexed(docs), 8, 11, num_epochs=2, cache_dir=str(tmp_path))
     assert third.loaded_from_cache  # the rebuild repaired the cache
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left
+
+
+def test_file_fingerprint_hashes_first_and_last_slice(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(samples, "FINGERPRINT_SLICE", 64)
+    rng = np.random.default_rng(0)
+    for size in [0, 1, 63, 64, 65, 127, 128, 129, 1000]:
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        covered = data[:64] + data[max(64, size - 64):]  # each byte at most once
+        want = hashlib.sha256(covered).hexdigest()
+        assert samples.file_fingerprint(str(path)) == {"file_size": size, "sampled_sha256": want}, size
+
+
+def test_cache_check_reads_only_the_ends_of_large_files(tmp_path, monkeypatch):
+    """The documented trade-off: past 2 slices, a byte in the middle is outside the check."""
+    monkeypatch.setattr(samples, "FINGERPRINT_SLICE", 256)
+    docs = _docs_for_cache()
+    fresh = GPTSampleDataset(FakeIndexed(docs), 2, 11, num_epochs=3, cache_dir=str(tmp_path))
+    target = tmp_path / f"{fresh.cache_key}-boundaries.npy"
+    original = target.read_bytes()
+    assert len(original) > 3 * 256
+
+    def with_flip(position):
+        data = bytearray(original)
+        data[position] ^= 0x01
+        target.write_bytes(bytes(data))
+        return GPTSampleDataset(FakeIndexed(docs), 2, 11, num_epochs=3, cache_dir=str(tmp_path))
+
+    assert with_flip(len(original) // 2).loaded_from_cache  # middle: not sampled
+    assert not with_flip(len(original) - 200).loaded_from_cache  # last slice: rebuilt
+    assert target.read_bytes() == original
+    assert not with_flip(100).loaded_from_cache  # first slice: rebuilt
