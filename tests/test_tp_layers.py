@@ -12,8 +12,7 @@ from dist_utils import run_distributed
 from engine.parallel import collectives as C
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                    VocabParallelLMHead, allreduce_sequence_parallel_grads,
-                                    mark_sequence_parallel)
+                                    VocabParallelLMHead)
 from engine.parallel.layout import padded_vocab_size, tp_shard, vocab_shard_range
 from engine.parallel.state import init_parallel
 
@@ -112,8 +111,6 @@ class _TinyLM(nn.Module):
         self.embed = VocabParallelEmbedding(VOCAB, HIDDEN, tp_group, sequence_parallel)
         self.scale = nn.Parameter(torch.empty(HIDDEN))
         self.head = VocabParallelLMHead(HIDDEN, VOCAB, tp_group, sequence_parallel, tied=tied)
-        if sequence_parallel:
-            mark_sequence_parallel(self.scale)
 
     def forward(self, ids):
         hidden = self.embed(ids) * self.scale
@@ -153,7 +150,8 @@ def _check_vocab_parallel(tp, rank, group, sequence_parallel, tied):
     per_token = vocab_parallel_cross_entropy(logits, targets, model.head.vocab_start, VOCAB, group, IGNORE)
     loss = per_token.sum() / (targets != IGNORE).sum()
     loss.backward()
-    allreduce_sequence_parallel_grads(model, group)
+    if sequence_parallel:  # the scale saw only this rank's slice of the sequence
+        torch.distributed.all_reduce(model.scale.grad, group=group)
 
     errors = {
         "logits": _err(logits, padded_ref_logits[..., start:end]),
@@ -259,21 +257,10 @@ def test_cross_entropy_half_precision_logits_give_fp32_loss_and_grad_dtype():
     assert logits.grad.dtype == torch.bfloat16
 
 
-def test_cross_entropy_refuses_bad_targets():
+def test_cross_entropy_refuses_mismatched_shapes():
     logits = torch.zeros(2, 3, 384)
-    with pytest.raises(ValueError, match=r"target id 300 outside the vocabulary 0..299"):
-        vocab_parallel_cross_entropy(logits, torch.tensor([[1, 300, 2], [0, 0, 0]]), 0, VOCAB)
-    with pytest.raises(ValueError, match=r"target id -1 outside"):
-        vocab_parallel_cross_entropy(logits, torch.tensor([[1, -1, 2], [0, 0, 0]]), 0, VOCAB)
     with pytest.raises(ValueError, match="do not match targets"):
         vocab_parallel_cross_entropy(logits, torch.zeros(2, 4, dtype=torch.long), 0, VOCAB)
-
-
-def test_embedding_refuses_out_of_vocabulary_ids():
-    embed = VocabParallelEmbedding(VOCAB, HIDDEN)
-    nn.init.normal_(embed.weight)
-    with pytest.raises(ValueError, match=r"token id 300 outside the vocabulary 0..299"):
-        embed(torch.tensor([[0, 300]]))
 
 
 def test_layers_without_group_are_plain_layers():

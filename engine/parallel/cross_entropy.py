@@ -74,8 +74,9 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
 
     ``local_logits`` [..., local_vocab] are this rank's columns ``vocab_start ..
     vocab_start + local_vocab`` of the padded vocabulary; ``group`` is the tensor-parallel group
-    (None in one process, where the logits are the whole, possibly padded, vocabulary). Targets
-    outside ``0 .. true_vocab_size - 1`` (other than ``ignore_index``) are an error.
+    (None in one process, where the logits are the whole, possibly padded, vocabulary). Targets must
+    lie in ``0 .. true_vocab_size - 1`` or equal ``ignore_index``; they are not checked here (that would
+    synchronise the GPU on every microbatch): the batch loader validates them where data enters.
     """
     if local_logits.shape[:-1] != targets.shape:
         raise ValueError(f"vocab-parallel cross entropy: logits {tuple(local_logits.shape)} do not "
@@ -83,10 +84,5 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
                          "targets [...])")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"vocab-parallel cross entropy: targets must be integer token ids, got {targets.dtype}")
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= true_vocab_size))
-    if bad.any():
-        raise ValueError(f"vocab-parallel cross entropy: target id {int(targets[bad][0])} outside the "
-                         f"vocabulary 0..{true_vocab_size - 1} (ignore_index is {ignore_index})")
     return _VocabParallelCrossEntropy.apply(local_logits, targets.long(), int(vocab_start),
                                             int(true_vocab_size), group, ignore_index)

@@ -11,8 +11,11 @@
 ``V_pad`` is the vocabulary padded to a multiple of 128 x TP (:func:`layout.padded_vocab_size`).
 Under sequence parallelism (SP) the activations between these layers (norms, residuals) are
 [batch, seq / TP, hidden]; the replicated weights used there (RMSNorm) then see only a slice of
-the sequence, so their gradients must be summed over TP: :func:`mark_sequence_parallel` tags them
-and :func:`allreduce_sequence_parallel_grads` sums them, once per step, after the backward.
+the sequence, so their gradients must be summed over TP once per step, after the backward
+(:class:`engine.train.grads.GradBuffer` does it).
+
+Token ids are not checked here (a check would synchronise the GPU on every microbatch): the batch
+loader validates them where data enters.
 
 Weights are created empty (on the given device, possibly ``meta``); the caller fills them, see
 :mod:`engine.parallel.tensor_parallel`.
@@ -23,12 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.parallel.collectives import (all_reduce, copy_to_tp, gather_from_sequence, group_rank,
+from engine.parallel.collectives import (copy_to_tp, gather_from_sequence, group_rank,
                                          group_size, reduce_from_tp, reduce_scatter_to_sequence)
 from engine.parallel.layout import padded_vocab_size, vocab_shard_range
-
-_SEQUENCE_PARALLEL_ATTR = "sequence_parallel"
-
 
 def _divide(total: int, parts: int, what: str) -> int:
     if total % parts:
@@ -49,21 +49,21 @@ def leave_tp_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Te
 class ColumnParallelLinear(nn.Module):
     """y[..., out / TP] = x W_shard^T, this rank's slice of the output features (no bias).
 
-    ``input_entered=True``: the input already went through :func:`enter_tp_region` (once for all
+    ``input_in_tp_region=True``: the input already went through :func:`enter_tp_region` (once for all
     the layers reading it, e.g. q, k and v), so this layer adds no collective.
     """
 
     def __init__(self, in_features: int, out_features: int, group=None, sequence_parallel: bool = False,
-                 input_entered: bool = False, device=None, dtype=None):
+                 input_in_tp_region: bool = False, device=None, dtype=None):
         super().__init__()
-        self.group, self.sequence_parallel, self.input_entered = group, sequence_parallel, input_entered
+        self.group, self.sequence_parallel, self.input_in_tp_region = group, sequence_parallel, input_in_tp_region
         self.in_features, self.out_features = in_features, out_features
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         local_out = _divide(out_features, self.tp_size, "output features of a column-parallel linear")
         self.weight = nn.Parameter(torch.empty(local_out, in_features, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_entered:
+        if not self.input_in_tp_region:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
         return F.linear(x, self.weight)
 
@@ -120,10 +120,6 @@ class VocabParallelEmbedding(nn.Module):
         if self.sequence_parallel and input_ids.shape[1] % self.tp_size:
             raise ValueError(f"sequence parallelism: sequence length {input_ids.shape[1]} is not a "
                              f"multiple of the tensor-parallel size {self.tp_size}")
-        bad = (input_ids < 0) | (input_ids >= self.vocab_size)
-        if bad.any():
-            raise ValueError(f"token id {int(input_ids[bad][0])} outside the vocabulary "
-                             f"0..{self.vocab_size - 1}")
         local_ids = input_ids - self.vocab_start
         outside = (local_ids < 0) | (local_ids >= self.local_vocab_size)
         if self.tp_size > 1:
@@ -143,16 +139,16 @@ class VocabParallelLMHead(nn.Module):
     """Logits of this rank's vocabulary slice: [batch, seq, V_pad / TP] (padding columns included;
     :func:`engine.parallel.cross_entropy.vocab_parallel_cross_entropy` excludes them).
 
-    ``input_entered`` as in :class:`ColumnParallelLinear`. With ``tied=True`` the head holds no
+    ``input_in_tp_region`` as in :class:`ColumnParallelLinear`. With ``tied=True`` the head holds no
     weight: ``forward(hidden, embedding_weight)`` is given the
     :class:`VocabParallelEmbedding`'s shard, which then receives the gradients of both uses.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, group=None, sequence_parallel: bool = False,
-                 tied: bool = False, input_entered: bool = False, device=None, dtype=None):
+                 tied: bool = False, input_in_tp_region: bool = False, device=None, dtype=None):
         super().__init__()
         self.group, self.sequence_parallel, self.tied = group, sequence_parallel, tied
-        self.input_entered = input_entered
+        self.input_in_tp_region = input_in_tp_region
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         self.padded_vocab_size = padded_vocab_size(vocab_size, self.tp_size)
@@ -170,7 +166,7 @@ class VocabParallelLMHead(nn.Module):
             raise ValueError(f"LM head weight shard {tuple(weight.shape)} is not the expected "
                              f"[{self.local_vocab_size}, {self.hidden_size}] of vocabulary {self.vocab_size} "
                              f"padded to {self.padded_vocab_size} over {self.tp_size} ranks")
-        if not self.input_entered:
+        if not self.input_in_tp_region:
             hidden = enter_tp_region(hidden, self.group, self.sequence_parallel)
         return F.linear(hidden, weight)
 
@@ -178,32 +174,3 @@ class VocabParallelLMHead(nn.Module):
         return (f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, "
                 f"padded={self.padded_vocab_size}, tp={self.tp_size}, tied={self.tied}, "
                 f"sequence_parallel={self.sequence_parallel}")
-
-
-# ------------------------------------------------------------- sequence-parallel replicated weights
-def mark_sequence_parallel(param: nn.Parameter) -> None:
-    """Tag a replicated parameter used on sequence slices: its gradient is partial on each rank."""
-    setattr(param, _SEQUENCE_PARALLEL_ATTR, True)
-
-
-def is_sequence_parallel(param: torch.Tensor) -> bool:
-    return getattr(param, _SEQUENCE_PARALLEL_ATTR, False)
-
-
-def allreduce_sequence_parallel_grads(model: nn.Module, group) -> None:
-    """Sum over the TP group the gradients of parameters tagged by :func:`mark_sequence_parallel`.
-
-    Call once per optimizer step, after the last backward (gradient accumulation sums the
-    microbatches' partial gradients first) and before clipping or data-parallel reduction. All
-    tagged gradients travel in one flat all-reduce.
-    """
-    if group_size(group) == 1:
-        return
-    grads = [p.grad for p in model.parameters() if is_sequence_parallel(p) and p.grad is not None]
-    if not grads:
-        return
-    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()

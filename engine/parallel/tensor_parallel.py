@@ -14,13 +14,14 @@ Which module becomes which parallel layer is read from the one layout table
     nn.Embedding / ``lm_head``                 -> VocabParallelEmbedding / VocabParallelLMHead
     the tied head (no parameters)              -> VocabParallelLMHead(tied=True)
     RMSNorm                                    -> RMSNormEnteringTP (same weight; under sequence
-                                                  parallelism tagged for a TP all-reduce of its gradient)
+                                                  parallelism its gradient is summed over TP, see
+                                                  :func:`sequence_parallel_names`)
 
 In this Llama every column-parallel layer reads a norm's output (q, k, v read input_layernorm;
 gate and up read post_attention_layernorm; the head reads norm), so the activation enters the
 tensor-parallel region once, at the norm, for all its readers: one all-gather (SP) or one backward
 all-reduce per norm instead of one per layer (2 instead of 5 per decoder layer), as Megatron gets
-from its fused QKV and gate/up weights. The column layers are built with ``input_entered=True``.
+from its fused QKV and gate/up weights. The column layers are built with ``input_in_tp_region=True``.
 
 The model file itself stays free of collectives.
 """
@@ -32,13 +33,12 @@ import torch.nn as nn
 from engine.model.llama import Llama, RMSNorm, TiedHead, expected_shapes, init_parameter
 from engine.parallel.collectives import all_gather_along, group_size
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                    VocabParallelLMHead, allreduce_sequence_parallel_grads,
-                                    enter_tp_region, mark_sequence_parallel)
+                                    VocabParallelLMHead, enter_tp_region)
 from engine.parallel.layout import is_vocab_parallel, tp_shard, tp_shard_dim
 from engine.parallel.state import ParallelState, validate_layout
 
 __all__ = ["parallelize_model", "build_parallel_llama", "gather_full_param", "lm_head_vocab_range",
-           "finish_grads", "allreduce_sequence_parallel_grads"]
+           "sequence_parallel_names"]
 
 
 class RMSNormEnteringTP(RMSNorm):
@@ -57,13 +57,17 @@ class RMSNormEnteringTP(RMSNorm):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"
 
 
+_PARALLEL_MODULES = (RMSNormEnteringTP, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                     VocabParallelLMHead)
+
+
 def _parallel_module(name: str, module: nn.Module, config, group, sequence_parallel: bool) -> nn.Module | None:
     """The parallel replacement for ``module`` (called ``name`` in the model), or None to keep it."""
     kwargs = dict(group=group, sequence_parallel=sequence_parallel, device="meta")
     if isinstance(module, RMSNorm):
         return RMSNormEnteringTP(module, group, sequence_parallel)
     if isinstance(module, TiedHead):
-        return VocabParallelLMHead(config.hidden_size, config.vocab_size, tied=True, input_entered=True, **kwargs)
+        return VocabParallelLMHead(config.hidden_size, config.vocab_size, tied=True, input_in_tp_region=True, **kwargs)
     if isinstance(module, nn.Embedding):
         return VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, **kwargs)
     if isinstance(module, nn.Linear):
@@ -71,10 +75,10 @@ def _parallel_module(name: str, module: nn.Module, config, group, sequence_paral
             raise ValueError(f"{name}: tensor parallelism supports bias-free linears only")
         weight = f"{name}.weight"
         if is_vocab_parallel(weight):
-            return VocabParallelLMHead(module.in_features, module.out_features, input_entered=True, **kwargs)
+            return VocabParallelLMHead(module.in_features, module.out_features, input_in_tp_region=True, **kwargs)
         dim = tp_shard_dim(weight)
         if dim == 0:
-            return ColumnParallelLinear(module.in_features, module.out_features, input_entered=True, **kwargs)
+            return ColumnParallelLinear(module.in_features, module.out_features, input_in_tp_region=True, **kwargs)
         if dim == 1:
             return RowParallelLinear(module.in_features, module.out_features, **kwargs)
         raise ValueError(f"{weight}: a linear layer without a tensor-parallel layout")
@@ -97,10 +101,10 @@ def parallelize_model(model: Llama, state: ParallelState, sequence_parallel: boo
     gives this rank's vocabulary slice of the logits for the whole sequence. Under sequence
     parallelism the embedding scatters the sequence (its length must be a multiple of TP), the
     residual stream between layers is [batch, seq / TP, hidden] (what pipeline stages exchange),
-    and :func:`finish_grads` must run after the backward.
+    and the gradients of :func:`sequence_parallel_names` must be summed over TP after the backward.
     """
     config = model.config
-    if hasattr(model, "tensor_parallel_state"):
+    if any(isinstance(m, _PARALLEL_MODULES) for m in model.modules()):
         raise ValueError("parallelize_model: this model is already parallelized")
     validate_layout(config, state.tp_size, state.pp_size, state.dp_size, state.world_size)
     group = state.tp_group if state.tp_size > 1 else None
@@ -136,10 +140,6 @@ def parallelize_model(model: Llama, state: ParallelState, sequence_parallel: boo
                              f"parameter's local shape {tuple(param.shape)}")
         param.copy_(local)
         del full, local  # one full tensor at a time
-        if sequence_parallel and tp_shard_dim(name) is None:
-            mark_sequence_parallel(param)
-    model.tensor_parallel_state = state
-    model.sequence_parallel = sequence_parallel
     return model
 
 
@@ -147,7 +147,7 @@ def build_parallel_llama(config, state: ParallelState, sequence_parallel: bool =
                          device=None, dtype: torch.dtype = torch.float32, **llama_kwargs) -> Llama:
     """Build this rank's shard of a Llama without ever materialising the whole model.
 
-    ``llama_kwargs`` (``layer_ids``, ``pre_process``, ``post_process``) select a pipeline stage.
+    ``llama_kwargs`` (``layer_ids`` and which of embedding and head it holds) select a pipeline stage.
     """
     validate_layout(config, state.tp_size, state.pp_size, state.dp_size, state.world_size)
     with torch.device("meta"):
@@ -165,12 +165,11 @@ def lm_head_vocab_range(model: Llama) -> tuple[int, int]:
     return 0, model.config.vocab_size
 
 
-def finish_grads(model: nn.Module) -> None:
-    """Complete this rank's gradients after the last backward of a step (before clipping or the
-    data-parallel reduction): sequence-parallel norm weights summed over TP."""
-    state = getattr(model, "tensor_parallel_state", None)
-    if state is not None and getattr(model, "sequence_parallel", False):
-        allreduce_sequence_parallel_grads(model, state.tp_group)
+def sequence_parallel_names(model: nn.Module) -> set[str]:
+    """Names of the replicated weights that see only a slice of the sequence on each TP rank (the
+    norms under sequence parallelism): their gradients are partial sums until summed over TP."""
+    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules()
+            if isinstance(m, RMSNormEnteringTP) and m.sequence_parallel and group_size(m.group) > 1}
 
 
 def gather_full_param(name: str, local: torch.Tensor, state: ParallelState, vocab_size: int) -> torch.Tensor:
