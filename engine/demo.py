@@ -1,8 +1,8 @@
 """The end-to-end demo: synthetic decision logs -> tokenizer -> indexed datasets -> training samples.
 
 It grows with the engine (CT -> SFT -> evaluate); today it runs the whole data path a training run
-reads, and checks on the way what later stages rely on: that the reward tokens of each sample are
-exactly where the reward mask says.
+reads, up to the first CT and SFT batches, and checks on the way what later stages rely on: that the
+reward tokens of each sample are exactly where the reward mask says.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.data.batches import BatchLoader, CTSamples, SampleMasks, build_dataset
 from engine.data.indexed import IndexedDataset
-from engine.data.loader import SampleLoader
 from engine.data.preprocess import MASK_SUFFIX, PreprocessConfig, preprocess, train_tokenizer_on_logs
-from engine.data.samples import GPTSampleDataset
+from engine.data.samples import GPTSampleDataset, document_token_counts
 from engine.data.synthetic import SyntheticConfig, write_logs
 from engine.data.tokenizer import Tokenizer
 from engine.fileio import write_json_atomic
@@ -71,32 +71,36 @@ def run_data_demo(cfg: DemoConfig, log=print) -> dict:
     mask = IndexedDataset(train_prefix + MASK_SUFFIX)
     samples = GPTSampleDataset(tokens, cfg.seq_length, seed=cfg.seed, num_epochs=1,
                                cache_dir=os.path.join(data, "index_cache"))
-    masks = _SampleMasks(samples, mask)
-    loader = SampleLoader(samples, cfg.micro_batch_size, dp_rank=0, dp_size=1)
-    batch = next(iter(loader))
+    masks = SampleMasks(samples, mask)
+    vocab = tokenizer.vocab_size
+    mbs = cfg.micro_batch_size
+    ct_batch = BatchLoader(CTSamples(samples, vocab), mbs, mbs, dp_rank=0, dp_size=1,
+                           vocab_size=vocab).next_step()[0]
     reward_share = float(np.mean([masks[k].mean() for k in range(min(len(samples), 64))]))
     first = samples[0]
-    log(f"[4/4] {len(samples)} samples of {cfg.seq_length + 1} tokens; first batch {tuple(batch.shape)}; "
-        f"{reward_share:.1%} of tokens are reward tokens")
+    log(f"[4/4] CT: {len(samples)} samples of {cfg.seq_length + 1} tokens; first batch "
+        f"{tuple(ct_batch['tokens'].shape)} inputs; {reward_share:.1%} of tokens are reward tokens")
     log("      sample 0 begins: " + repr(tokenizer.decode(first[:48].tolist()))[:160])
     log("      its reward tokens: " + repr(tokenizer.decode(first[masks[0].astype(bool)][:8].tolist())))
 
-    result = {"samples": len(samples), "batch_shape": list(batch.shape), "reward_token_share": reward_share,
+    # SFT holds one whole record per sample: the sequence fits the longest record.
+    longest = int(document_token_counts(tokens.sequence_lengths, tokens.document_indices).max())
+    sft_seq_length = max(cfg.seq_length, longest - 1)
+    sft = build_dataset(train_prefix, "sft", sft_seq_length, num_samples=mbs, seed=cfg.seed)
+    sft_batch = BatchLoader(sft, mbs, mbs, dp_rank=0, dp_size=1, vocab_size=vocab).next_step()[0]
+    predicted = sft_batch["loss_mask"].bool()
+    log(f"      SFT: {sft.num_records} records ({sft.skipped_records} without a reward token) of up to "
+        f"{longest} tokens, seq_length {sft_seq_length}; first batch {tuple(sft_batch['tokens'].shape)} "
+        f"predicts {int(predicted.sum())} reward tokens: "
+        + repr(tokenizer.decode(sft_batch["labels"][predicted][:8].tolist())))
+
+    result = {"samples": len(samples), "batch_shape": list(ct_batch["tokens"].shape),
+              "reward_token_share": reward_share,
+              "sft": {"records": sft.num_records, "skipped_records": sft.skipped_records,
+                      "seq_length": sft_seq_length, "batch_reward_tokens": int(predicted.sum())},
               "records": {k: s.records for k, s in summaries.items()},
               "tokens": {k: s.tokens for k, s in summaries.items()},
               "bayes_ceiling_valid": manifest["bayes_ceiling"].get("valid", {})}
     write_json_atomic(os.path.join(cfg.workdir, "demo_summary.json"), result)
     return result
 
-
-class _SampleMasks:
-    """The reward mask of each training sample, fetched with the same pieces as its tokens."""
-
-    def __init__(self, samples: GPTSampleDataset, mask: IndexedDataset):
-        if not np.array_equal(samples.indexed.sequence_lengths, mask.sequence_lengths):
-            raise ValueError(f"{mask.prefix}: reward mask does not have the token dataset's sequence lengths")
-        self.samples, self.mask = samples, mask
-
-    def __getitem__(self, k: int) -> np.ndarray:
-        pieces = self.samples.sample_span(k)
-        return np.concatenate([self.mask.get(int(s), int(o), int(n)) for s, o, n in pieces])
