@@ -1,0 +1,277 @@
+"""Gradients of a step: contiguous buffers, data-parallel buckets fired from backward hooks, finalisation.
+
+    buffer = GradBuffer(model_chunks, state, bucket_size=40_000_000, distributed_optimizer=False)
+    for i, microbatch in enumerate(microbatches):
+        buffer.sync = (i == len(microbatches) - 1)   # reduce over DP during the last backward only
+        loss(microbatch).backward()
+    buffer.finalize()                                # wait for DP, then TP sums of SP norm grads
+    norm = buffer.grad_norm()                        # over the part this rank owns, all groups
+
+Layout. Every trainable parameter of the chunks is laid out, in backward order (the reverse of the
+order the model registers them, so the head's gradients come first), in two flat buffers with the same
+offsets: ``params`` in the model's dtype (each parameter's ``.data`` becomes a view into it) and
+``grads`` in fp32, where gradients of all microbatches accumulate (``main_grad`` of each parameter).
+The buffers are cut into buckets of about ``bucket_size`` elements (a parameter never spans two
+buckets), each padded to a multiple of the DP size.
+
+Reduction. A hook on each parameter (``register_post_accumulate_grad_hook``) adds the fresh gradient
+into ``main_grad`` and frees it. When ``sync`` is on and every parameter of a bucket has been added, the
+bucket's reduction over the DP group is launched asynchronously, so it overlaps the rest of the
+backward: an all-reduce (sum), or under the distributed optimizer (ZeRO-1) a reduce-scatter that
+leaves DP rank r with the sum of slice r of each bucket, the slice it owns. Gradients are already
+divided by the global number of loss tokens, hence a sum and not a mean.
+
+Finalisation, after the last backward: launch any bucket not yet launched (parameters without a
+gradient, ``overlap=False``), wait for all, then all-reduce over TP the gradients of the replicated
+norm weights that saw only a slice of the sequence (sequence parallelism), on the region this rank
+owns. The pipeline issue adds the tied-embedding sum here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.parallel.collectives import group_size
+from engine.parallel.layout import tp_shard_dim
+from engine.parallel.state import ParallelState
+
+
+@dataclass
+class ParamSlot:
+    """Where one parameter lives in the flat buffers: ``[start, end)``, in bucket ``bucket``."""
+    name: str
+    param: nn.Parameter
+    start: int
+    end: int
+    bucket: int
+    replicated_over_tp: bool  # identical on every TP rank: counted once in the global norm
+    sequence_parallel: bool   # its gradient is partial on each TP rank until summed over TP
+
+
+@dataclass
+class Bucket:
+    index: int
+    start: int
+    end: int  # exclusive, padded: (end - start) % dp == 0
+    slots: list[ParamSlot] = field(default_factory=list)
+    ready: int = 0
+    handle: object = None
+    launched: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def _named_trainable(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    named, seen = [], set()
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                named.append((name, p))
+    return named
+
+
+class GradBuffer:
+    """Flat parameter and fp32 gradient buffers of ``chunks`` on this rank, reduced over DP in buckets.
+
+    ``sequence_parallel_names``: names of replicated parameters used on sequence slices (their
+    gradients are summed over TP in :meth:`finalize`).
+    """
+
+    def __init__(self, chunks: list[nn.Module], state: ParallelState, *, bucket_size: int = 40_000_000,
+                 distributed_optimizer: bool = False, overlap: bool = True,
+                 sequence_parallel_names: set[str] = frozenset(), grad_dtype: torch.dtype = torch.float32):
+        if bucket_size < 1:
+            raise ValueError(f"bucket_size must be a positive number of elements, got {bucket_size}")
+        self.state = state
+        self.dp_size, self.dp_rank = state.dp_size, state.dp_rank
+        self.dp_group = state.dp_group if state.dp_size > 1 else None
+        self.distributed_optimizer = distributed_optimizer
+        self.overlap = overlap
+        self.sync = True
+        named = _named_trainable(chunks)
+        if not named:
+            raise ValueError("GradBuffer: the model chunks have no trainable parameters")
+        dtypes = {p.dtype for _, p in named}
+        if len(dtypes) != 1:
+            raise ValueError(f"GradBuffer: parameters of several dtypes {sorted(map(str, dtypes))}; "
+                             "build the model in one dtype")
+        self.param_dtype = dtypes.pop()
+        device = named[0][1].device
+
+        # Offsets in backward order; buckets close once they hold bucket_size elements.
+        self.slots: list[ParamSlot] = []
+        self.buckets: list[Bucket] = []
+        offset, bucket = 0, Bucket(0, 0, 0)
+        for name, p in reversed(named):
+            slot = ParamSlot(name, p, offset, offset + p.numel(), bucket.index,
+                             replicated_over_tp=tp_shard_dim(name) is None,
+                             sequence_parallel=name in sequence_parallel_names)
+            bucket.slots.append(slot)
+            self.slots.append(slot)
+            offset = slot.end
+            if offset - bucket.start >= bucket_size:
+                offset = self._close(bucket, offset)
+                bucket = Bucket(len(self.buckets), offset, offset)
+        if bucket.slots:
+            offset = self._close(bucket, offset)
+        self.numel = offset
+        self.params = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
+        self.grads = torch.zeros(self.numel, dtype=grad_dtype, device=device)
+        self._hooks = []
+        for slot in self.slots:
+            p = slot.param
+            view = self.params[slot.start:slot.end].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+            p.main_grad = self.grads[slot.start:slot.end].view_as(p)
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(slot)))
+        self.by_name = {s.name: s for s in self.slots}
+
+    def _close(self, bucket: Bucket, offset: int) -> int:
+        size = offset - bucket.start
+        bucket.end = bucket.start + math.ceil(size / self.dp_size) * self.dp_size
+        self.buckets.append(bucket)
+        return bucket.end
+
+    # ----------------------------------------------------------------------------- accumulation
+    def _make_hook(self, slot: ParamSlot):
+        bucket = self.buckets[slot.bucket]
+
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is None:
+                return
+            param.main_grad.add_(param.grad)
+            param.grad = None
+            if not self.sync:
+                return
+            bucket.ready += 1
+            if self.overlap and bucket.ready == len(bucket.slots):
+                self._launch(bucket)
+
+        return hook
+
+    def _launch(self, bucket: Bucket) -> None:
+        if bucket.launched:
+            return
+        bucket.launched = True
+        if self.dp_size == 1:
+            return
+        grads = self.grads[bucket.start:bucket.end]
+        if self.distributed_optimizer:
+            bucket.handle = dist.reduce_scatter_single(self.owned_grad(bucket), grads.clone(),
+                                                       group=self.dp_group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(grads, group=self.dp_group, async_op=True)
+
+    # ------------------------------------------------------------------------------ ownership
+    def owned_range(self, bucket: Bucket) -> tuple[int, int]:
+        """``[start, end)`` of the buffers this DP rank owns in ``bucket`` (all of it without ZeRO)."""
+        if not self.distributed_optimizer:
+            return bucket.start, bucket.end
+        shard = bucket.size // self.dp_size
+        start = bucket.start + self.dp_rank * shard
+        return start, start + shard
+
+    def owned_grad(self, bucket: Bucket) -> torch.Tensor:
+        start, end = self.owned_range(bucket)
+        return self.grads[start:end]
+
+    def owned_pieces(self) -> list[tuple[ParamSlot, int, int]]:
+        """(slot, start, end) for each piece of a parameter inside a range this rank owns, in
+        buffer coordinates; under ZeRO a parameter may be cut mid-tensor."""
+        pieces = []
+        for bucket in self.buckets:
+            lo, hi = self.owned_range(bucket)
+            for slot in bucket.slots:
+                start, end = max(slot.start, lo), min(slot.end, hi)
+                if start < end:
+                    pieces.append((slot, start, end))
+        return pieces
+
+    # ---------------------------------------------------------------------------- finalisation
+    def finalize(self) -> None:
+        """Complete the DP reduction and the TP sums of sequence-parallel gradients."""
+        for bucket in self.buckets:
+            self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+            bucket.handle, bucket.launched, bucket.ready = None, False, 0
+        self._sum_sequence_parallel_grads()
+
+    def _sum_sequence_parallel_grads(self) -> None:
+        group = self.state.tp_group
+        if group_size(group) == 1:
+            return
+        views = [self.grads[s:e] for slot, s, e in self.owned_pieces() if slot.sequence_parallel]
+        if not views:
+            return
+        flat = torch.cat(views)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for v in views:
+            v.copy_(flat[offset:offset + v.numel()])
+            offset += v.numel()
+
+    def grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient (after :meth:`finalize`), the same on every rank.
+
+        Each rank sums squares over the pieces it owns; parameters replicated over TP count on TP
+        rank 0 only. The sum is all-reduced over the model-parallel group, and over DP too under ZeRO
+        (where DP ranks own disjoint pieces).
+        """
+        pieces = [self.grads[s:e] for slot, s, e in self.owned_pieces()
+                  if not (slot.replicated_over_tp and self.state.tp_rank != 0)]
+        norms = torch._foreach_norm(pieces, 2.0) if pieces else []
+        total = torch.stack([n.float() for n in norms]).square().sum() if norms else \
+            torch.zeros((), device=self.grads.device)
+        total = total.reshape(1).double()
+        if group_size(self.state.model_group) > 1:
+            dist.all_reduce(total, group=self.state.model_group)
+        if self.distributed_optimizer and self.dp_size > 1:
+            dist.all_reduce(total, group=self.dp_group)
+        return float(total.sqrt())
+
+    def scale_grads(self, factor: float) -> None:
+        for bucket in self.buckets:
+            self.owned_grad(bucket).mul_(factor)
+
+    def zero_grads(self) -> None:
+        self.grads.zero_()
+
+    def gather_params(self) -> None:
+        """Under ZeRO: every DP rank's updated slice of the parameters to all DP ranks."""
+        if not self.distributed_optimizer or self.dp_size == 1:
+            return
+        handles = []
+        for bucket in self.buckets:
+            start, end = self.owned_range(bucket)
+            handles.append(dist.all_gather_single(self.params[bucket.start:bucket.end],
+                                                  self.params[start:end].clone(),
+                                                  group=self.dp_group, async_op=True))
+        for h in handles:
+            h.wait()
+
+    def gather_owned(self, flat: torch.Tensor) -> torch.Tensor:
+        """A full buffer-shaped tensor from every DP rank's owned slices of ``flat`` (same layout as
+        the buffers, only the owned slices meaningful); without ZeRO, ``flat`` itself."""
+        if not self.distributed_optimizer or self.dp_size == 1:
+            return flat
+        full = torch.empty_like(flat)
+        for bucket in self.buckets:
+            start, end = self.owned_range(bucket)
+            dist.all_gather_single(full[bucket.start:bucket.end], flat[start:end].contiguous(),
+                                   group=self.dp_group)
+        return full
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
