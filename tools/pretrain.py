@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Train a Llama on decision logs: continued pre-training (CT) or supervised fine-tuning (SFT).
+
+    torchrun --nproc_per_node=N tools/pretrain.py --config configs/tiny.yaml [--section.field value ...]
+    python tools/pretrain.py --config configs/tiny.yaml          # one process
+    python tools/pretrain.py --help                              # every field, with its documentation
+
+Multi-node: torchrun --nnodes=K --nproc_per_node=N --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...
+Exit status: 0 when the run finished, 1 when it failed (the message names why), 2 for a bad command line.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import parse_run_config
+    from engine.train.loop import train
+
+    cfg = parse_run_config(argv, prog="pretrain.py")
+    import torch.distributed as dist
+
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        print("pretrain.py: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"pretrain.py: error (rank {rank}): {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
