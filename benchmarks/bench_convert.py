@@ -145,9 +145,9 @@ def main() -> None:
         print(f"model: {params / 1e9:.3f}B parameters, bf16, {du(hf) / 1e9:.2f} GB on disk "
               f"({len(list(hf.glob('*.safetensors')))} HF files); checkpoint {ckpt_bytes / 1e9:.2f} GB "
               f"in {args.tp * args.pp} rank files")
-        from engine.train.checkpoint import local_shape
-        cfg = LlamaConfig(**config)
-        shard = max(torch_numel(local_shape(n, s, cfg, args.tp)) for n, s in shapes.items())
+        from engine.parallel.layout import local_shape
+        vocab = LlamaConfig(**config).vocab_size
+        shard = max(torch_numel(local_shape(n, s, vocab, args.tp)) for n, s in shapes.items())
         print(f"largest tensor: {largest[0]} {list(largest[1])} = {2 * torch_numel(largest[1]) / 2**20:.0f} MiB; "
               f"largest rank shard: {2 * shard / 2**20:.0f} MiB")
         print(f"{verify.stdout.strip()} ({time.perf_counter() - t0:.1f} s)")

@@ -70,6 +70,22 @@ def ref_rank_states(config, full, tp, pp):
             for t in range(tp) for p in range(pp)}
 
 
+def test_local_shape_is_the_shape_of_the_sliced_shard():
+    from engine.parallel.layout import local_shape
+
+    config = tiny_config()
+    for tp in (1, 2, 4):
+        for name, shape in expected_shapes(config).items():
+            want = tuple(ref_shard(name, torch.empty(shape), config.vocab_size, tp, tp - 1).shape)
+            assert local_shape(name, shape, config.vocab_size, tp) == want, (name, tp)
+    with pytest.raises(ValueError, match="dimension 1 of size 64 is not divisible by the tensor-parallel size 3"):
+        local_shape("layers.0.mlp.down_proj.weight", (64, 64), 250, 3)
+    with pytest.raises(ValueError, match="lm_head.weight: 300 rows but a vocabulary of 250"):
+        local_shape("lm_head.weight", (300, 64), 250, 2)
+    with pytest.raises(KeyError, match="unknown parameter name 'layers.0.extra.weight'"):
+        local_shape("layers.0.extra.weight", (4,), 250, 1)
+
+
 # --------------------------------------------------------------------------------- save and load
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (2, 4)]
 
@@ -133,7 +149,7 @@ def test_saving_an_existing_iteration_again_replaces_it_whole(tmp_path):
         assert torch.equal(loaded[n], v), n
 
 
-def test_optimizer_state_and_rng_meta_resume_exactly(tmp_path):
+def test_adamw_state_stored_by_parameter_name_and_rng_meta_resume_exactly(tmp_path):
     config = tiny_config(num_hidden_layers=2)
     local = ref_rank_states(config, random_full(config), 1, 1)[(0, 0)]  # vocab padded to 256 rows
     params = {n: torch.nn.Parameter(v.clone()) for n, v in local.items()}
@@ -142,8 +158,11 @@ def test_optimizer_state_and_rng_meta_resume_exactly(tmp_path):
         p.grad = torch.randn_like(p)
     opt.step()
     torch.manual_seed(11)
+    moments = {n: {k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")} for n, p in params.items()}
+    step = int(opt.state[params["norm.weight"]]["step"])
     ck.save_checkpoint(tmp_path, 3, config, 1, 1, {(0, 0): {n: p.detach() for n, p in params.items()}},
-                       meta={"rng": torch.get_rng_state()}, optimizer_states={(0, 0): opt.state_dict()})
+                       meta={"rng": torch.get_rng_state()}, optimizer_tensors={(0, 0): moments},
+                       optimizer_state={"step": step, "lr": 1e-2, "betas": (0.9, 0.999)})
     expected_next = torch.rand(4)
     grads = {n: torch.randn_like(p) for n, p in params.items()}
     for n, p in params.items():
@@ -151,19 +170,172 @@ def test_optimizer_state_and_rng_meta_resume_exactly(tmp_path):
     opt.step()
 
     ckpt = ck.open_checkpoint(tmp_path)
-    assert ckpt.info["file_sets"][0]["optimizer_dp_ranks"] == [0]
+    assert ckpt.has_optimizer and ckpt.optimizer_kinds == ["exp_avg", "exp_avg_sq"]
     restored = {n: torch.nn.Parameter(v) for n, v in ck.load_rank_shard(ckpt, 0, 0, 1, 1).items()}
-    opt2 = torch.optim.AdamW([restored[n] for n in params], lr=1e-2)
-    opt2.load_state_dict(ckpt.optimizer_state(0, 0))
+    tensors, state = ck.load_rank_optimizer(ckpt, 0, 0, 1, 1)
+    assert state == {"step": 1, "lr": 1e-2, "betas": (0.9, 0.999)}
+    opt2 = torch.optim.AdamW([restored[n] for n in params], lr=state["lr"], betas=state["betas"])
     for n, p in restored.items():
+        opt2.state[p] = {"step": torch.tensor(float(state["step"])), **tensors[n]}
         p.grad = grads[n].clone()
     opt2.step()
     for n in params:
         assert torch.equal(restored[n], params[n]), n
     torch.set_rng_state(ckpt.meta(0, 0)["rng"])
     assert torch.equal(torch.rand(4), expected_next)
-    with pytest.raises(ck.CheckpointError, match="no optimizer state for data-parallel rank 1"):
-        ckpt.optimizer_state(0, 0, dp_rank=1)
+
+
+# ---------------------------------------------------------------- optimizer state: layout and resharding
+KINDS = ("exp_avg", "exp_avg_sq")
+
+
+def random_optimizer_full(config, seed=10):
+    return {k: random_full(config, seed=seed + i) for i, k in enumerate(KINDS)}
+
+
+def ref_optimizer_states(config, full_by_kind, tp, pp, padding_value=0.0):
+    """{(t, p): {name: {kind: shard}}} by plain slicing; vocabulary padding rows set to padding_value."""
+    out = {}
+    for t in range(tp):
+        for p in range(pp):
+            out[(t, p)] = {}
+            for n in ref_stage_names(config, pp, p):
+                out[(t, p)][n] = {}
+                for k in KINDS:
+                    shard = ref_shard(n, full_by_kind[k][n], config.vocab_size, tp, t).clone()
+                    if n in ("embed_tokens.weight", "lm_head.weight"):
+                        rows_before = t * shard.shape[0]
+                        shard[max(0, config.vocab_size - rows_before):] = padding_value
+                    out[(t, p)][n][k] = shard
+    return out
+
+
+LAYOUT_2X2 = {"tp": 2, "pp": 2, "dp": 4, "virtual_stages": 1, "sequence_parallel": True,
+              "distributed_optimizer": True}
+
+
+@pytest.fixture
+def saved_with_optimizer(tmp_path):
+    """TP=2 x PP=2, tied embeddings, a ZeRO-like state gathered per (TP, PP) rank; padding rows hold
+    garbage (7.0) that a same-TP read keeps and a resharding read replaces with zeros."""
+    config = tiny_config(tied=True)
+    full, opt_full = random_full(config, seed=4), random_optimizer_full(config)
+    ck.save_checkpoint(tmp_path / "ck", 12, config, 2, 2, ref_rank_states(config, full, 2, 2),
+                       optimizer_tensors=ref_optimizer_states(config, opt_full, 2, 2, padding_value=7.0),
+                       optimizer_state={"step": 12, "weight_decay": 0.1}, layout=LAYOUT_2X2,
+                       extra={"consumed_samples": 384, "run": {"stage": "ct", "seq_length": (64, 2)}})
+    return tmp_path / "ck", config, opt_full
+
+
+@pytest.mark.parametrize("dst", [(2, 2), (2, 1), (1, 1), (4, 1), (4, 4)])
+def test_optimizer_state_reads_back_at_same_tp_and_reshards_like_slicing(saved_with_optimizer, dst):
+    root, config, opt_full = saved_with_optimizer
+    ckpt = ck.open_checkpoint(root)
+    tp, pp = dst
+    same_tp = tp == 2
+    expected = ref_optimizer_states(config, opt_full, tp, pp, padding_value=7.0 if same_tp else 0.0)
+    for t in range(tp):
+        for p in range(pp):
+            tensors, state = ck.load_rank_optimizer(ckpt, t, p, tp, pp)
+            assert state == {"step": 12, "weight_decay": 0.1}
+            assert list(tensors) == ck.canonical_order(ref_stage_names(config, pp, p))
+            for n, by_kind in tensors.items():
+                assert sorted(by_kind) == list(KINDS), n
+                for k, v in by_kind.items():
+                    assert v.dtype == torch.float32 and torch.equal(v, expected[(t, p)][n][k]), (t, p, n, k)
+
+
+def test_layout_and_extra_are_recorded_and_read(saved_with_optimizer):
+    root, _, _ = saved_with_optimizer
+    ckpt = ck.open_checkpoint(root)
+    assert ckpt.layout == LAYOUT_2X2
+    assert ckpt.extra == {"consumed_samples": 384, "run": {"stage": "ct", "seq_length": (64, 2)}}
+    info = json.loads((ckpt.path / "checkpoint.json").read_text())
+    assert info["layout"] == LAYOUT_2X2 and info["optimizer"] == {"kinds": list(KINDS)}
+    # One optimizer file set per (TP, PP) rank, keys "{name}/{kind}", whatever the DP size.
+    for t in range(2):
+        for p in range(2):
+            rdir = ckpt.path / f"mp_rank_{t:02d}_{p:03d}"
+            assert sorted(f.name for f in rdir.iterdir()) == ["meta.json", "model.safetensors",
+                                                             "optimizer.json", "optimizer.safetensors"]
+            with safe_open(rdir / "optimizer.safetensors", "pt") as f:
+                assert set(f.keys()) == {f"{n}/{k}" for n in ref_stage_names(ckpt.config, 2, p) for k in KINDS}
+    # A checkpoint written before layouts were recorded: TP and PP from the file, DP unknown.
+    del info["layout"], info["extra"]
+    (ckpt.path / "checkpoint.json").write_text(json.dumps(info))
+    old = ck.open_checkpoint(root)
+    assert old.layout == {"tp": 2, "pp": 2, "dp": None} and old.extra == {}
+
+
+def test_checkpoint_without_optimizer_says_so(saved):
+    root, _, _ = saved
+    ckpt = ck.open_checkpoint(root)
+    assert not ckpt.has_optimizer and ckpt.optimizer_kinds == []
+    assert ckpt.layout == {"tp": 2, "pp": 2, "dp": None}
+    with pytest.raises(ck.CheckpointError, match="holds no optimizer state"):
+        ck.load_rank_optimizer(ckpt, 0, 0, 2, 2)
+
+
+def test_missing_or_wrong_optimizer_files_and_tensors_are_refused_by_name(saved_with_optimizer):
+    root, _, _ = saved_with_optimizer
+    it = root / "iter_0000012"
+    (it / "mp_rank_01_001" / "optimizer.safetensors").unlink()
+
+    def rewrite(rank_dir, edit):
+        path = it / rank_dir / "optimizer.safetensors"
+        tensors = load_file(path)
+        edit(tensors)
+        save_file(tensors, path)
+    rewrite("mp_rank_00_000", lambda t: t.pop("layers.1.mlp.up_proj.weight/exp_avg_sq"))
+    rewrite("mp_rank_01_000", lambda t: t.update({"layers.0.self_attn.k_proj.weight/exp_avg": torch.zeros(8, 64),
+                                                  "layers.0.mlp.gate_proj.weight/momentum": torch.zeros(2)}))
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.open_checkpoint(root)
+    msg = str(err.value)
+    assert "mp_rank_01_001 (TP rank 1, PP rank 1) is missing ['optimizer.safetensors']" in msg
+    assert "mp_rank_00_000/optimizer.safetensors: missing tensor(s) ['layers.1.mlp.up_proj.weight/exp_avg_sq']" in msg
+    assert "mp_rank_01_000/optimizer.safetensors: unexpected tensor(s) ['layers.0.mlp.gate_proj.weight/momentum']" in msg
+    assert "layers.0.self_attn.k_proj.weight/exp_avg (8, 64) (expected (16, 64))" in msg
+
+
+def test_save_refuses_wrong_optimizer_tensors_and_layouts_by_name(tmp_path):
+    config = tiny_config()
+    states = ref_rank_states(config, random_full(config), 2, 1)
+
+    def optimizer(edit=None):
+        tensors = ref_optimizer_states(config, random_optimizer_full(config), 2, 1)
+        if edit:
+            edit(tensors[(1, 0)])
+        return tensors
+
+    cases = [
+        (lambda o: o.pop("norm.weight"), r"TP rank 1, PP rank 0: missing parameter\(s\) \['norm.weight'\]"),
+        (lambda o: o.update({"layers.9.mlp.up_proj.weight": {}}), r"unexpected parameter\(s\) \['layers.9"),
+        (lambda o: o["norm.weight"].pop("exp_avg"), r"tensor kinds are not \['exp_avg', 'exp_avg_sq'\].*\['norm.weight'\]"),
+        (lambda o: o["lm_head.weight"].update(exp_avg=torch.zeros(250, 64)),
+         r"lm_head.weight/exp_avg \(250, 64\) \(expected \(128, 64\)\)"),
+        (lambda o: o["norm.weight"].update(exp_avg=[0.0] * 64), r"norm.weight/exp_avg list"),
+    ]
+    for edit, pattern in cases:
+        with pytest.raises(ck.CheckpointError, match=pattern):
+            ck.save_checkpoint(tmp_path, 1, config, 2, 1, states, optimizer_tensors=optimizer(edit))
+    with pytest.raises(ck.CheckpointError, match=r"no optimizer tensors for \(tp_rank, pp_rank\) \[\(1, 0\)\]"):
+        ck.save_checkpoint(tmp_path, 1, config, 2, 1, states, optimizer_tensors={(0, 0): optimizer()[(0, 0)]})
+    with pytest.raises(ck.CheckpointError, match="optimizer_state given without optimizer_tensors"):
+        ck.save_checkpoint(tmp_path, 1, config, 2, 1, states, optimizer_state={"step": 1})
+    per_rank = {(0, 0): {"step": 1}, (1, 0): {"step": 2}}
+    ck.save_checkpoint(tmp_path / "per_rank", 1, config, 2, 1, states, optimizer_tensors=optimizer(),
+                       optimizer_state=per_rank)
+    assert ck.open_checkpoint(tmp_path / "per_rank").optimizer_state(1, 0) == {"step": 2}
+    with pytest.raises(ck.CheckpointError, match=r"no optimizer state for \(tp_rank, pp_rank\) \[\(1, 0\)\]"):
+        ck.save_checkpoint(tmp_path, 1, config, 2, 1, states, optimizer_tensors=optimizer(),
+                           optimizer_state={(0, 0): {"step": 1}})
+    for layout, pattern in [({"tp": 4}, "layout says tp=4 but the checkpoint is written for tp=2"),
+                            ({"dp": 0}, "dp must be a positive integer, got 0"),
+                            ({"dp": 2, "device": torch.device("cpu")}, "not JSON values only")]:
+        with pytest.raises(ck.CheckpointError, match=pattern):
+            ck.save_checkpoint(tmp_path, 1, config, 2, 1, states, layout=layout)
+    assert not (tmp_path / "latest").exists() and not (tmp_path / "iter_0000001").exists()
 
 
 # --------------------------------------------------------------------------------- refused inputs
@@ -306,12 +478,17 @@ def _distributed_save(rank, world_size, root):
     state = init_parallel(tp=2, pp=2)
     t, p = state.tp_rank, state.pp_rank
     model = build_parallel_llama(config, state, seed=5, layer_ids=stage_layers(4, 2)[p],
-                                 pre_process=p == 0, post_process=p == 1)
+                                 has_embedding=p == 0, has_head=p == 1)
     mine = {n: param.detach() for n, param in model.named_parameters()}
+    moments = {n: {"master": v.float(), "exp_avg": 2 * v.float()} for n, v in mine.items()}
     path = ck.save_checkpoint_distributed(root, 10, config, 2, 2, t, p, mine, meta={"rank": rank},
-                                          optimizer_state={"step": torch.tensor(float(rank))})
+                                          optimizer_tensors=moments, optimizer_state={"step": 10},
+                                          layout={"tp": 2, "pp": 2, "dp": 1}, extra={"consumed_samples": 40})
     reloaded = ck.load_rank_shard(root, t, p, 2, 2)
+    tensors, state = ck.load_rank_optimizer(root, t, p, 2, 2)
     same = set(reloaded) == set(mine) and all(torch.equal(reloaded[n], v) for n, v in mine.items())
+    same = same and state == {"step": 10} and set(tensors) == set(mine) and all(
+        torch.equal(tensors[n][k], moments[n][k]) for n in mine for k in ("master", "exp_avg"))
     # A second save where rank 3 hands a wrong state: every rank must fail, nothing published.
     bad = dict(mine)
     if rank == 3:
@@ -340,4 +517,46 @@ def test_distributed_save_of_a_tensor_parallel_model_each_rank_writes_its_file_s
         assert torch.equal(loaded[n], init_parameter(n, shape, config, 5)), n
     ckpt = ck.open_checkpoint(tmp_path)
     assert ckpt.meta(1, 1) == {"rank": 3}
-    assert ckpt.optimizer_state(0, 1)["step"].item() == 2.0
+    assert ckpt.layout == {"tp": 2, "pp": 2, "dp": 1} and ckpt.extra == {"consumed_samples": 40}
+    full_master, _ = ck.load_rank_optimizer(ckpt, 0, 0, 1, 1)  # resharded onto one process
+    for n, by_kind in full_master.items():
+        shape = expected_shapes(config)[n]
+        assert torch.equal(by_kind["master"][:shape[0]], init_parameter(n, shape, config, 5)), n
+        assert torch.equal(by_kind["exp_avg"][:shape[0]], 2 * by_kind["master"][:shape[0]]), n
+
+
+def _data_parallel_save(rank, world_size, root):
+    """TP=1 x DP=2: both DP ranks call the save; DP rank 0's optimizer tensors are written, DP rank
+    1's (different, as an unsynchronised ZeRO slice would be) never reach the disk."""
+    config = tiny_config(num_hidden_layers=2)
+    full = random_full(config, seed=6)
+    params = ref_rank_states(config, full, 1, 1)[(0, 0)]
+    moments = {n: {k: v * (i + 1) + rank for i, k in enumerate(KINDS)} for n, v in params.items()}
+    layout = {"tp": 1, "pp": 1, "dp": 2, "distributed_optimizer": True}
+    ck.save_checkpoint_distributed(root, 4, config, 1, 1, 0, 0, params, optimizer_tensors=moments,
+                                   optimizer_state={"step": 4}, layout=layout, dp_rank=rank)
+    tensors, _ = ck.load_rank_optimizer(root, 0, 0, 1, 1)
+    dp0 = {n: {k: v * (i + 1) for i, k in enumerate(KINDS)} for n, v in params.items()}
+    same = all(torch.equal(tensors[n][k], dp0[n][k]) for n in params for k in KINDS)
+    bad = dict(moments)
+    if rank == 0:
+        bad["norm.weight"] = {k: torch.zeros(3) for k in KINDS}
+    try:
+        ck.save_checkpoint_distributed(root, 5, config, 1, 1, 0, 0, params, optimizer_tensors=bad, dp_rank=rank)
+        second = "saved"
+    except ck.CheckpointError as e:
+        second = str(e)
+    return same, second
+
+
+@pytest.mark.distributed
+def test_data_parallel_save_writes_one_optimizer_file_set_from_dp_rank_0(tmp_path):
+    results = run_distributed(_data_parallel_save, 2, args=(str(tmp_path),), timeout=120)
+    assert all(r[0] for r in results)
+    assert all("rank 0: CheckpointError" in r[1] and "norm.weight/exp_avg (3,) (expected (64,))" in r[1]
+               for r in results)
+    assert (tmp_path / "latest").read_text() == "4\n" and not (tmp_path / "iter_0000005").exists()
+    ckpt = ck.open_checkpoint(tmp_path)
+    assert ckpt.layout == {"tp": 1, "pp": 1, "dp": 2, "distributed_optimizer": True}
+    assert sorted(f.name for f in (ckpt.path / "mp_rank_00_000").iterdir()) == [
+        "meta.json", "model.safetensors", "optimizer.json", "optimizer.safetensors"]

@@ -17,7 +17,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.convert import sharded
+from engine.convert import hf, sharded
+from engine.model.llama import expected_shapes
+from engine.parallel.layout import local_shape
 from engine.train import checkpoint as ck
 from engine.train import safetensors_io as sio
 from test_checkpoint import ref_shard
@@ -137,7 +139,8 @@ def test_import_export_round_trip_is_bit_exact_and_loads_in_transformers(hf_dirs
 
 
 def test_exported_model_matches_transformers_after_training_like_update_and_reshard(hf_dirs, tmp_path):
-    """A later iteration saved in another layout is what export picks up (latest, or by number)."""
+    """A later iteration saved in another layout, with optimizer state, is what export picks up
+    (latest, or by number)."""
     src = hf_dirs["gqa"]
     root = tmp_path / "ckpt"
     sharded.import_hf(src, root, tp=2, pp=2, progress=False)
@@ -146,7 +149,11 @@ def test_exported_model_matches_transformers_after_training_like_update_and_resh
     for t in range(4):
         for p in range(1):
             states[(t, p)] = {n: (v * 0.5 if v.dim() == 2 else v) for n, v in ck.load_rank_shard(ckpt, t, p, 4, 1).items()}
-    ck.save_checkpoint(root, 100, ckpt.config, 4, 1, states)
+    optimizer = {rank: {n: {"master": v.float(), "exp_avg": torch.zeros_like(v, dtype=torch.float32)}
+                        for n, v in sd.items()} for rank, sd in states.items()}
+    ck.save_checkpoint(root, 100, ckpt.config, 4, 1, states, optimizer_tensors=optimizer,
+                       optimizer_state={"step": 100}, layout={"dp": 2, "distributed_optimizer": True})
+    assert "TP=4 x PP=1 (saved at DP=2), optimizer state (exp_avg, master)" in sharded.describe(root)
 
     sharded.export_hf(root, tmp_path / "latest", progress=False)
     sharded.export_hf(root, tmp_path / "first", iteration=0, progress=False)
@@ -186,12 +193,12 @@ def test_import_and_export_handle_column_and_vocabulary_shards_alone(hf_dirs, tm
         reads.append(torch.Size(info.shape).numel())
         return real(path, info)
     monkeypatch.setattr(sio, "read_tensor", recording_read)
-    monkeypatch.setattr(sharded, "read_tensor", recording_read)
+    monkeypatch.setattr(hf, "read_tensor", recording_read)
     src = hf_dirs["gqa"]
     sharded.import_hf(src, tmp_path / "ck", tp=2, pp=2, progress=False)
     config = ck.open_checkpoint(tmp_path / "ck").config
-    shapes = ck.expected_engine_shapes(config)
-    largest_shard = max(torch.Size(ck.local_shape(n, s, config, 2)).numel() for n, s in shapes.items())
+    shapes = expected_shapes(config)
+    largest_shard = max(torch.Size(local_shape(n, s, config.vocab_size, 2)).numel() for n, s in shapes.items())
     largest_row_parallel = max(torch.Size(s).numel() for n, s in shapes.items() if n.endswith(("o_proj.weight",
                                                                                                "down_proj.weight")))
     assert max(reads) <= max(largest_shard, largest_row_parallel) < torch.Size(shapes["embed_tokens.weight"]).numel()

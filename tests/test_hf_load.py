@@ -12,9 +12,11 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.convert.hf import (INDEX_FILE, SINGLE_FILE, engine_to_hf_name, expected_engine_shapes,
-                               hf_to_engine_name, hf_weight_files, iter_hf_tensors, load_hf_model,
-                               read_hf_config)
+from engine.convert.hf import (INDEX_FILE, SINGLE_FILE, engine_to_hf_name, hf_to_engine_name, hf_weight_files,
+                               iter_hf_rank_shards, iter_hf_tensors, load_hf_model)
+from engine.model.config import LlamaConfig
+from engine.model.llama import expected_shapes
+from test_checkpoint import ref_shard, ref_stage_names
 
 TINY = dict(vocab_size=250, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
@@ -110,8 +112,8 @@ def test_iter_hf_tensors_streams_every_tensor_once(saved):
 
 def test_names_and_shapes(saved):
     hf, single, _ = saved["untied_llama2"]
-    config = read_hf_config(single)
-    shapes = expected_engine_shapes(config)
+    config = LlamaConfig.from_hf_dir(single)
+    shapes = expected_shapes(config)
     assert {engine_to_hf_name(n): s for n, s in shapes.items()} == \
         {n: tuple(t.shape) for n, t in hf.state_dict().items()}
     for name in hf.state_dict():
@@ -120,8 +122,28 @@ def test_names_and_shapes(saved):
     assert hf_to_engine_name("model.norm.weight") == "norm.weight"
     with pytest.raises(ValueError, match="transformer.wte.weight"):
         hf_to_engine_name("transformer.wte.weight")
-    tied = read_hf_config(saved["tied_mha"][1])
-    assert "lm_head.weight" not in expected_engine_shapes(tied)
+    tied = LlamaConfig.from_hf_dir(saved["tied_mha"][1])
+    assert "lm_head.weight" not in expected_shapes(tied)
+
+
+@pytest.mark.parametrize("variant,layout", [("untied_llama2", "sharded"), ("tied_mha", "single")])
+def test_rank_shards_of_a_hf_directory_equal_slicing_its_tensors(saved, variant, layout):
+    hf, single, sharded = saved[variant]
+    directory = single if layout == "single" else sharded
+    config = LlamaConfig.from_hf_dir(directory)
+    reference = {hf_to_engine_name(n): t for n, t in hf.state_dict().items()}
+    for tp, pp in [(2, 2), (1, 1)]:
+        for t in range(tp):
+            for p in range(pp):
+                shards = dict(iter_hf_rank_shards(directory, config, tp, t, pp, p))
+                assert set(shards) == ref_stage_names(config, pp, p)
+                for n, v in shards.items():
+                    assert torch.equal(v, ref_shard(n, reference[n], config.vocab_size, tp, t)), (tp, pp, t, p, n)
+    other = LlamaConfig.from_hf_dict({**config.to_hf_dict(), "num_hidden_layers": 4})
+    with pytest.raises(ValueError, match="weights of another model; config differs: num_hidden_layers: 2 != 4"):
+        next(iter_hf_rank_shards(directory, other, 1, 0))
+    with pytest.raises(ValueError, match="tensor-parallel size 8 does not divide the number of attention heads"):
+        next(iter_hf_rank_shards(directory, config, 8, 0))
 
 
 def rewrite_single(directory, edit):

@@ -126,3 +126,15 @@ def test_state_encoding_round_trips_rng_states_and_nested_structures():
     np.random.set_state(decoded["rng"]["numpy"])
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     assert np.random.rand() == expected[2]
+
+
+def test_header_problems_name_missing_unexpected_misshaped_and_dtype_changes(tmp_path):
+    path = tmp_path / "rank1.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4).half(), "extra": torch.zeros(1)}, path)
+    first = {"b": sio.TensorInfo(torch.float32, (4,), 0, 16)}  # the same file on TP rank 0
+    header, _ = sio.read_header(path)
+    problems = sio.header_problems("rank1", header, {"a": (3, 2), "b": (4,), "c": (5,)}, first)
+    assert problems == ["rank1: missing tensor(s) ['c']", "rank1: unexpected tensor(s) ['extra']",
+                        "rank1: mis-shaped tensor(s) ['a (2, 3) (expected (3, 2))', "
+                        "'b is torch.float16 but torch.float32 on TP rank 0']"]
+    assert sio.header_problems("rank1", header, {n: i.shape for n, i in header.items()}, {}) == []

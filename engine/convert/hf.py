@@ -9,6 +9,7 @@ one tensor at a time, so memory never holds more than the tensor being converted
 
     model = load_hf_model("path/to/llama")      # engine Llama, one process, no torchrun
     logits = model(token_ids)                   # [batch, seq] -> [batch, seq, vocab]
+    shards = dict(iter_hf_rank_shards("path/to/llama", config, tp=2, tp_rank=1))  # one TP rank's weights
 """
 from __future__ import annotations
 
@@ -23,19 +24,17 @@ from safetensors import safe_open
 
 from engine.model.config import LlamaConfig
 from engine.model.llama import Llama, expected_shapes
-from engine.parallel.layout import canonical_order
-from engine.train.safetensors_io import read_header, read_tensor
+from engine.parallel.layout import (canonical_order, is_vocab_parallel, pad_rows, stage_of, tp_shard, tp_shard_dim,
+                                   vocab_shard_range)
+from engine.parallel.state import validate_layout
+from engine.train.checkpoint import config_differences
+from engine.train.safetensors_io import TensorInfo, read_header, read_rows, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _HF_PREFIX = "model."
 # Non-parameter buffers that some older HF Llama checkpoints saved; recomputed from the config.
 _IGNORED_HF_TENSOR = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-
-
-def read_hf_config(hf_dir: str | os.PathLike) -> LlamaConfig:
-    """The engine config of a HF Llama directory; unsupported fields raise errors naming them."""
-    return LlamaConfig.from_hf_dir(hf_dir)
 
 
 def hf_to_engine_name(name: str) -> str:
@@ -50,11 +49,6 @@ def hf_to_engine_name(name: str) -> str:
 def engine_to_hf_name(name: str) -> str:
     """``layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj.weight``; lm_head unchanged."""
     return name if name == "lm_head.weight" else _HF_PREFIX + name
-
-
-def expected_engine_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Full, unpadded shape of every engine parameter (no ``lm_head.weight`` when tied)."""
-    return expected_shapes(config)
 
 
 def hf_weight_files(hf_dir: str | os.PathLike) -> dict[str, str]:
@@ -133,8 +127,8 @@ def plan_hf_tensors(hf_dir: str | os.PathLike):
     Raises ValueError listing every missing, unexpected and mis-shaped tensor.
     """
     hf_dir = Path(hf_dir)
-    config = read_hf_config(hf_dir)
-    expected = expected_engine_shapes(config)
+    config = LlamaConfig.from_hf_dir(hf_dir)
+    expected = expected_shapes(config)
     locations = hf_weight_files(hf_dir)
     headers = {path: read_header(path)[0] for path in set(locations.values())}
     plan, tied_head, unexpected, misshaped, misshaped_names = {}, None, [], [], set()
@@ -167,6 +161,49 @@ def plan_hf_tensors(hf_dir: str | os.PathLike):
     if problems:
         raise ValueError(f"{hf_dir}: " + "; ".join(problems))
     return config, plan, tied_head
+
+
+def read_hf_shard(name: str, path: str, info: TensorInfo, tp: int, tp_rank: int) -> torch.Tensor:
+    """``tp_rank``'s slice of a HF tensor, as :func:`tp_shard` of the whole tensor gives it.
+
+    Slices along dimension 0 (column-parallel and vocabulary rows) are contiguous in the file and
+    read alone, so peak memory is one shard; row-parallel slices (dimension 1) are cut from the
+    whole tensor, which is at most an MLP or attention output matrix.
+    """
+    if tp_shard_dim(name) != 0 or tp == 1 and not is_vocab_parallel(name):
+        return tp_shard(name, read_tensor(path, info), tp, tp_rank)
+    rows = info.shape[0]
+    if is_vocab_parallel(name):
+        start, end = vocab_shard_range(rows, tp, tp_rank)
+        return pad_rows(read_rows(path, info, min(start, rows), min(end, rows)), end - start)
+    if rows % tp:
+        raise ValueError(f"{name}: dimension 0 of size {rows} is not divisible by the tensor-parallel size {tp}")
+    per = rows // tp
+    return read_rows(path, info, tp_rank * per, (tp_rank + 1) * per)
+
+
+def iter_hf_rank_shards(hf_dir: str | os.PathLike, config: LlamaConfig, tp: int, tp_rank: int, pp: int = 1,
+                        pp_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (engine name, this rank's shard) for every parameter of pipeline stage ``pp_rank``, read
+    from a HF Llama directory one tensor at a time (dimension-0 slices without the whole tensor):
+    how a training run on TP x PP starts from Hugging Face weights. The directory must hold the model
+    ``config`` describes (differences are named) and is checked whole before any tensor is read."""
+    hf_config, plan, tied_head = plan_hf_tensors(hf_dir)
+    if diff := config_differences(hf_config, config):
+        raise ValueError(f"{hf_dir}: weights of another model; config differs: {'; '.join(diff)}")
+    validate_layout(config, tp, pp)
+    if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
+        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside the layout TP={tp} x PP={pp}")
+    for name in canonical_order(plan):
+        if pp_rank not in stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings):
+            continue
+        _, path, info = plan[name]
+        shard = read_hf_shard(name, path, info, tp, tp_rank)
+        if name == "embed_tokens.weight" and tied_head is not None and \
+                not torch.equal(read_hf_shard(name, *tied_head, tp, tp_rank), shard):
+            raise ValueError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' differs from "
+                             "'model.embed_tokens.weight'")
+        yield name, shard
 
 
 def load_hf_model(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.convert.hf import engine_to_hf_name, plan_hf_tensors, read_hf_config
+from engine.convert.hf import engine_to_hf_name, plan_hf_tensors, read_hf_shard
 from engine.fileio import replace_dir, write_json_atomic
-from engine.parallel.layout import (is_vocab_parallel, pad_rows, stage_of, tp_shard, tp_shard_dim,
-                                   vocab_shard_range)
+from engine.model.config import LlamaConfig
+from engine.parallel.layout import stage_of, tp_shard_dim
 from engine.parallel.state import validate_layout
 from engine.train.checkpoint import CheckpointWriter, dominant_dtype, open_checkpoint, read_full_tensor
-from engine.train.safetensors_io import (SafetensorsWriter, TensorInfo, dtype_name, read_rows,
-                                         read_tensor)
+from engine.train.safetensors_io import SafetensorsWriter, dtype_name
 
 # Files besides the weights that make a HF directory usable: copied into the checkpoint on import
 # (under tokenizer/) and back out on export.
@@ -89,25 +88,6 @@ def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ import
-def _read_tp_shard(name: str, path: str, info: TensorInfo, tp: int, tp_rank: int) -> torch.Tensor:
-    """``tp_rank``'s slice of a HF tensor, as :func:`tp_shard` of the whole tensor gives it.
-
-    Slices along dimension 0 (column-parallel and vocabulary rows) are contiguous in the file and
-    read alone, so peak memory is one shard; row-parallel slices (dimension 1) are cut from the
-    whole tensor, which is at most an MLP or attention output matrix.
-    """
-    if tp_shard_dim(name) != 0 or tp == 1 and not is_vocab_parallel(name):
-        return tp_shard(name, read_tensor(path, info), tp, tp_rank)
-    rows = info.shape[0]
-    if is_vocab_parallel(name):
-        start, end = vocab_shard_range(rows, tp, tp_rank)
-        return pad_rows(read_rows(path, info, min(start, rows), min(end, rows)), end - start)
-    if rows % tp:
-        raise ValueError(f"{name}: dimension 0 of size {rows} is not divisible by the tensor-parallel size {tp}")
-    per = rows // tp
-    return read_rows(path, info, tp_rank * per, (tp_rank + 1) * per)
-
-
 def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
               dtype: str | torch.dtype | None = None, progress: bool = True, force: bool = False) -> Path:
     """Convert a HF Llama directory into an engine checkpoint (iteration 0) for TP=``tp`` x PP=``pp``.
@@ -118,7 +98,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
     dtype = parse_dtype(dtype)
     if not Path(hf_dir).is_dir():
         raise ConversionError(f"{hf_dir}: no such Hugging Face directory")
-    config = read_hf_config(hf_dir)
+    config = LlamaConfig.from_hf_dir(hf_dir)
     validate_layout(config, tp, pp)  # before touching any tensor
     config, plan, tied_head = plan_hf_tensors(hf_dir)
     dtypes = {n: dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
@@ -140,9 +120,9 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
                 hf_name, path, info = plan[name]
                 stages = stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings)
                 for t in range(tp):
-                    shard = _read_tp_shard(name, path, info, tp, t).to(dtypes[name])
+                    shard = read_hf_shard(name, path, info, tp, t).to(dtypes[name])
                     if name == "embed_tokens.weight" and tied_head is not None:
-                        head = _read_tp_shard(name, *tied_head, tp, t).to(dtypes[name])
+                        head = read_hf_shard(name, *tied_head, tp, t).to(dtypes[name])
                         if not torch.equal(head, shard):
                             raise ConversionError(f"{hf_dir}: tie_word_embeddings is true but 'lm_head.weight' "
                                                   "differs from 'model.embed_tokens.weight'")
@@ -243,11 +223,14 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
 
 
 def describe(path: str | os.PathLike) -> str:
-    """One paragraph about a checkpoint: iteration, layout, model size (for the CLI)."""
+    """One paragraph about a checkpoint: iteration, layout, optimizer state, model size (for the CLI)."""
     ckpt = open_checkpoint(path)
     params = sum(torch.Size(ckpt.full_shape(n)).numel() for n in ckpt.names())
     c = ckpt.config
-    return (f"{ckpt.path}: iteration {ckpt.iteration}, TP={ckpt.tp} x PP={ckpt.pp}, "
+    dp = ckpt.layout.get("dp")
+    optimizer = f"optimizer state ({', '.join(ckpt.optimizer_kinds)})" if ckpt.has_optimizer else "no optimizer state"
+    return (f"{ckpt.path}: iteration {ckpt.iteration}, TP={ckpt.tp} x PP={ckpt.pp}"
+            f"{f' (saved at DP={dp})' if dp else ''}, {optimizer}, "
             f"{params / 1e6:.1f}M parameters, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
             f"heads {c.num_attention_heads}/{c.num_key_value_heads}, vocab {c.vocab_size} "
             f"(padded {ckpt.padded_vocab_size}), dtype {ckpt.info.get('dtype')}")

@@ -1,7 +1,8 @@
 """How the engine's parameters are laid out over tensor- and pipeline-parallel ranks.
 
 One table, used by the TP layers (what a rank builds), by checkpoints and by the Hugging Face
-converters (what a rank saves and loads), so the three can never disagree.
+converters (what a rank saves and loads), so the three can never disagree: :func:`tp_shard` cuts a
+rank's slice of a tensor, :func:`local_shape` gives its shape without the tensor.
 
 Parameter names are layout-independent and follow Hugging Face Llama without the ``model.`` prefix:
 ``embed_tokens.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``,
@@ -101,6 +102,29 @@ def pad_rows(real, rows: int):
     padded = real.new_zeros((rows,) + tuple(real.shape[1:]))
     padded[:real.shape[0]] = real
     return padded
+
+
+def local_shape(name: str, full_shape: tuple[int, ...], vocab_size: int, tp: int) -> tuple[int, ...]:
+    """Shape of one TP rank's shard of parameter ``name`` whose full, unpadded shape is ``full_shape``:
+    vocabulary rows padded to :func:`padded_vocab_size` then split, column- and row-parallel dimensions
+    divided by ``tp``, replicated parameters whole. What :func:`tp_shard` returns, from shapes alone."""
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor-parallel size must be a positive integer, got {tp!r}")
+    shape = list(full_shape)
+    dim = tp_shard_dim(name)
+    if dim is None:
+        return tuple(shape)
+    if len(shape) <= dim:
+        raise ValueError(f"{name}: a tensor of shape {tuple(shape)} has no dimension {dim} to split")
+    if is_vocab_parallel(name):
+        if shape[0] != vocab_size:
+            raise ValueError(f"{name}: {shape[0]} rows but a vocabulary of {vocab_size}")
+        shape[0] = padded_vocab_size(vocab_size, tp)
+    elif shape[dim] % tp:
+        raise ValueError(f"{name}: dimension {dim} of size {shape[dim]} is not divisible by "
+                         f"the tensor-parallel size {tp}")
+    shape[dim] //= tp
+    return tuple(shape)
 
 
 def tp_shard(name: str, full, tp: int, tp_rank: int):

@@ -1,15 +1,22 @@
 """Engine checkpoints: a directory per iteration, one file set per (TP, PP) rank, resharding on load.
 
     <root>/latest                                  iteration number of the newest complete checkpoint
-    <root>/iter_0000100/checkpoint.json            layout, config, iteration, file sets (written last)
-    <root>/iter_0000100/mp_rank_TT_PPP/model.safetensors   local shards under global parameter names
-    <root>/iter_0000100/mp_rank_TT_PPP/meta.json           config, layout, rank, and the caller's state
-    <root>/iter_0000100/mp_rank_TT_PPP/optim_dp_DDD.{safetensors,json}   optimizer state (optional)
+    <root>/iter_0000100/checkpoint.json            layout, config, iteration, file sets, run state (last)
+    <root>/iter_0000100/mp_rank_TT_PPP/model.safetensors      local shards under global parameter names
+    <root>/iter_0000100/mp_rank_TT_PPP/meta.json              config, layout, rank, and the caller's state
+    <root>/iter_0000100/mp_rank_TT_PPP/optimizer.safetensors  optimizer tensors "{name}/{kind}" (optional)
+    <root>/iter_0000100/mp_rank_TT_PPP/optimizer.json         optimizer counters and hyper-parameters
 
 Parameter names and shards follow :mod:`engine.parallel.layout`; vocab-parallel tensors are stored
-padded to ``padded_vocab_size(vocab, TP)``. A save builds ``iter_N.saving/``, renames it to ``iter_N/``
-once every rank's files and ``checkpoint.json`` are written, and only then replaces ``latest``, so a
-crash leaves the previous checkpoint or the new one, never a partial one that looks complete.
+padded to ``padded_vocab_size(vocab, TP)``. The optimizer state is stored like the parameters: for
+each parameter of the rank's model file, one tensor per kind (``master``, ``exp_avg``, ...) with the
+parameter's local shape, one file set per (TP, PP) rank whatever the data-parallel size (a ZeRO
+optimizer gathers its slices first). So both the model and the optimizer reshard onto another TP, PP
+or DP layout; ``checkpoint.json`` records the layout the run used (:attr:`Checkpoint.layout`).
+
+A save builds ``iter_N.saving/``, renames it to ``iter_N/`` once every rank's files and
+``checkpoint.json`` are written, and only then replaces ``latest``, so a crash leaves the previous
+checkpoint or the new one, never a partial one that looks complete.
 Tensors are safetensors, everything else JSON: nothing here unpickles. Files are read and written
 through :mod:`engine.train.safetensors_io`, one tensor at a time and without mmap, so peak memory
 stays near one tensor (or one full parameter when resharding) rather than the checkpoint's size.
@@ -19,21 +26,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.convert.hf import expected_engine_shapes
 from engine.fileio import fsync_dir, replace_dir, write_json_atomic, write_text_atomic
 from engine.model.config import LlamaConfig
-from engine.parallel.layout import (canonical_order, is_vocab_parallel, padded_vocab_size, stage_of, tp_shard,
-                                   tp_shard_dim)
+from engine.model.llama import expected_shapes
+from engine.parallel.layout import canonical_order, local_shape, padded_vocab_size, stage_of, tp_shard, tp_shard_dim
 from engine.parallel.state import validate_layout
 from engine.train.safetensors_io import (CheckpointError, SafetensorsWriter, decode_state, dtype_name, encode_state,
-                                         read_header, read_tensor)
+                                         header_problems, read_header, read_tensor)
 
 FORMAT = "ltu-engine-checkpoint"
 FORMAT_VERSION = 1
@@ -41,6 +47,8 @@ CHECKPOINT_JSON = "checkpoint.json"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_STATE_FILE = "optimizer.json"
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -51,32 +59,66 @@ def rank_dir_name(tp_rank: int, pp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def optimizer_file_names(dp_rank: int) -> tuple[str, str]:
-    return f"optim_dp_{dp_rank:03d}.safetensors", f"optim_dp_{dp_rank:03d}.json"
+def optimizer_key(name: str, kind: str) -> str:
+    """Key of a parameter's optimizer tensor in ``optimizer.safetensors``: ``"{name}/{kind}"``."""
+    return f"{name}/{kind}"
 
 
 # ----------------------------------------------------------------------------- layout of the shards
 def stage_names(config: LlamaConfig, pp: int, pp_rank: int) -> list[str]:
     """Names of the parameters that pipeline stage ``pp_rank`` holds (tied copy included)."""
-    return [n for n in canonical_order(expected_engine_shapes(config))
+    return [n for n in canonical_order(expected_shapes(config))
             if pp_rank in stage_of(n, config.num_hidden_layers, pp, config.tie_word_embeddings)]
-
-
-def local_shape(name: str, full_shape: tuple[int, ...], config: LlamaConfig, tp: int) -> tuple[int, ...]:
-    """Shape of one TP rank's shard of a parameter whose full, unpadded shape is ``full_shape``."""
-    shape = list(full_shape)
-    if is_vocab_parallel(name):
-        shape[0] = padded_vocab_size(config.vocab_size, tp)
-    dim = tp_shard_dim(name)
-    if dim is not None:
-        shape[dim] //= tp
-    return tuple(shape)
 
 
 def expected_rank_shapes(config: LlamaConfig, tp: int, pp: int, pp_rank: int) -> dict[str, tuple[int, ...]]:
     """Every tensor a (any TP rank, PP rank ``pp_rank``) file set holds, with its local shape."""
-    full = expected_engine_shapes(config)
-    return {n: local_shape(n, full[n], config, tp) for n in stage_names(config, pp, pp_rank)}
+    full = expected_shapes(config)
+    return {n: local_shape(n, full[n], config.vocab_size, tp) for n in stage_names(config, pp, pp_rank)}
+
+
+def recorded_layout(layout: Mapping | None, tp: int, pp: int) -> dict:
+    """The layout ``checkpoint.json`` records: the caller's entries (DP size, sequence parallelism,
+    distributed optimizer...) with ``tp`` and ``pp``; entries must be JSON values and agree with TP x PP."""
+    if layout is None:
+        layout = {}
+    if not isinstance(layout, Mapping) or not all(isinstance(k, str) for k in layout):
+        raise CheckpointError(f"layout must be a mapping with string keys, got {layout!r}")
+    for key, want in (("tp", tp), ("pp", pp)):
+        if key in layout and layout[key] != want:
+            raise CheckpointError(f"layout says {key}={layout[key]!r} but the checkpoint is written for {key}={want}")
+    dp = layout.get("dp")
+    if dp is not None and (type(dp) is not int or dp < 1):
+        raise CheckpointError(f"layout: dp must be a positive integer, got {dp!r}")
+    try:
+        json.dumps(dict(layout))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"layout: not JSON values only ({e})") from None
+    return {"tp": tp, "pp": pp, "dp": None, **layout}
+
+
+def check_optimizer_tensors(tensors: Mapping, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[str]:
+    """Validate ``tensors[param_name][kind]`` against a rank's local ``shapes``; returns the kinds
+    (sorted). Every parameter must have the same kinds; all problems are named in one error."""
+    if not isinstance(tensors, Mapping) or not all(isinstance(v, Mapping) for v in tensors.values()):
+        raise CheckpointError(f"{where}: expected a mapping parameter name -> tensor kind -> tensor")
+    present = [n for n in shapes if n in tensors]
+    kinds = sorted(tensors[present[0]], key=str) if present else []
+    problems = {
+        "missing parameter(s)": [n for n in shapes if n not in tensors],
+        "unexpected parameter(s)": sorted(set(tensors) - set(shapes)),
+        f"parameter(s) whose tensor kinds are not {kinds} like {present[:1]}":
+            [n for n in present if sorted(tensors[n], key=str) != kinds],
+        "tensor kind(s) that are not non-empty strings without '/'":
+            [k for k in kinds if not isinstance(k, str) or not k or "/" in k] or ([] if kinds else ["(none given)"]),
+        "mis-shaped or non-tensor value(s)":
+            [f"{optimizer_key(n, k)} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__} "
+             f"(expected {shapes[n]})" for n in present for k in kinds if k in tensors[n]
+             for t in [tensors[n][k]] if not isinstance(t, torch.Tensor) or tuple(t.shape) != shapes[n]],
+    }
+    if any(problems.values()):
+        raise CheckpointError(f"{where}: " + "; ".join(f"{label} {items}" for label, items in problems.items() if items))
+    return kinds
 
 
 # ----------------------------------------------------------------------------------------- saving
@@ -142,36 +184,52 @@ class CheckpointWriter:
                 "config": self.config.to_hf_dict(), "state": encode_state(dict(state or {}))}
         write_json_atomic(self._rank_dir(tp_rank, pp_rank) / META_FILE, meta)
 
-    def write_optimizer(self, tp_rank: int, pp_rank: int, optimizer_state: Mapping, dp_rank: int = 0) -> None:
-        """An optimizer state (e.g. ``optimizer.state_dict()``): tensors to safetensors, the rest JSON."""
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = encode_state(optimizer_state, tensors)
-        st_name, json_name = optimizer_file_names(dp_rank)
+    def write_optimizer(self, tp_rank: int, pp_rank: int, tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                        state: Mapping | None = None) -> None:
+        """One rank's optimizer state: ``tensors[param_name][kind]`` (every parameter of the rank's
+        model file, with its local shape; the same kinds for all) streamed to ``optimizer.safetensors``
+        under ``"{name}/{kind}"``, and ``state`` (step counter, hyper-parameters) to ``optimizer.json``."""
+        shapes = expected_rank_shapes(self.config, self.tp, self.pp, pp_rank)
+        kinds = check_optimizer_tensors(tensors, shapes, f"optimizer state of TP rank {tp_rank}, PP rank {pp_rank}")
         rank_dir = self._rank_dir(tp_rank, pp_rank)
-        specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
-        with SafetensorsWriter(rank_dir / st_name, specs) as w:
-            for k, t in tensors.items():
-                w.write(k, t.detach().cpu())
-        write_json_atomic(rank_dir / json_name, {"format": FORMAT, "state": skeleton})
+        specs = {optimizer_key(n, k): (tensors[n][k].dtype, shapes[n]) for n in shapes for k in kinds}
+        with SafetensorsWriter(rank_dir / OPTIMIZER_FILE, specs, {"format": "pt"}) as w:
+            for n in shapes:
+                for k in kinds:
+                    w.write(optimizer_key(n, k), tensors[n][k].detach().cpu())
+        write_json_atomic(rank_dir / OPTIMIZER_STATE_FILE, {"format": FORMAT, "kinds": kinds,
+                                                            "state": encode_state(dict(state or {}))})
 
-    def commit(self, dtype: torch.dtype, extra: Mapping | None = None) -> Path:
-        """Check every rank's files, write ``checkpoint.json``, publish ``iter_N``, then ``latest``."""
-        file_sets, missing = [], []
+    def commit(self, dtype: torch.dtype, layout: Mapping | None = None, extra: Mapping | None = None) -> Path:
+        """Check every rank's files, write ``checkpoint.json`` (with ``layout`` and the caller's
+        ``extra``: run config, counters), publish ``iter_N``, then ``latest``.
+
+        The optimizer state is all or nothing: written for every file set with the same kinds, or
+        for none."""
+        layout = recorded_layout(layout, self.tp, self.pp)
+        file_sets, missing, kinds_by_dir = [], [], {}
         for pp_rank in range(self.pp):
             for tp_rank in range(self.tp):
                 rdir = self.tmp_dir / rank_dir_name(tp_rank, pp_rank)
-                absent = [f for f in (MODEL_FILE, META_FILE) if not (rdir / f).is_file()]
-                missing += [f"{rdir.name}/{f}" for f in absent]
-                dp_ranks = sorted(int(p.name[len("optim_dp_"):-len(".json")]) for p in rdir.glob("optim_dp_*.json"))
-                file_sets.append({"tp_rank": tp_rank, "pp_rank": pp_rank, "dir": rdir.name,
-                                  "optimizer_dp_ranks": dp_ranks})
+                missing += [f"{rdir.name}/{f}" for f in (MODEL_FILE, META_FILE) if not (rdir / f).is_file()]
+                if (rdir / OPTIMIZER_STATE_FILE).is_file():  # written after its complete safetensors file
+                    kinds_by_dir[rdir.name] = _read_json(rdir / OPTIMIZER_STATE_FILE).get("kinds")
+                file_sets.append({"tp_rank": tp_rank, "pp_rank": pp_rank, "dir": rdir.name})
+        if kinds_by_dir:
+            missing += [f"{fs['dir']}/{f}" for fs in file_sets if fs["dir"] not in kinds_by_dir
+                        for f in (OPTIMIZER_FILE, OPTIMIZER_STATE_FILE)]
         if missing:
             raise CheckpointError(f"{self.tmp_dir}: cannot commit, file(s) not written: {missing}")
+        kinds = next(iter(kinds_by_dir.values()), None)
+        if any(k != kinds for k in kinds_by_dir.values()):
+            raise CheckpointError(f"{self.tmp_dir}: cannot commit, file sets hold different optimizer tensor "
+                                  f"kinds: {kinds_by_dir}")
         write_json_atomic(self.tmp_dir / CHECKPOINT_JSON, {
             "format": FORMAT, "version": FORMAT_VERSION, "iteration": self.iteration,
             "tp": self.tp, "pp": self.pp, "padded_vocab_size": self.padded_vocab_size,
-            "dtype": dtype_name(dtype), "config": self.config.to_hf_dict(), "file_sets": file_sets,
-            **({"extra": encode_state(dict(extra))} if extra else {}),
+            "dtype": dtype_name(dtype), "config": self.config.to_hf_dict(), "layout": layout,
+            "file_sets": file_sets, "optimizer": {"kinds": kinds} if kinds_by_dir else None,
+            "extra": encode_state(dict(extra or {})),
         })
         fsync_dir(self.tmp_dir)
         replace_dir(self.tmp_dir, self.final_dir)  # re-saving an iteration replaces it whole
@@ -197,26 +255,41 @@ def _dominant_dtype(states) -> torch.dtype:
 def save_checkpoint(root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int, pp: int,
                     rank_states: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], *,
                     meta: Mapping | None = None, rank_meta: Mapping[tuple[int, int], Mapping] | None = None,
-                    optimizer_states: Mapping[tuple, Mapping] | None = None) -> Path:
+                    optimizer_tensors: Mapping[tuple[int, int], Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
+                    optimizer_state: Mapping | None = None, layout: Mapping | None = None,
+                    extra: Mapping | None = None) -> Path:
     """Save every rank's shards from one process; returns the published ``iter_N`` directory.
 
     ``rank_states[(tp_rank, pp_rank)]`` is that rank's local state dict (global names, local shards).
     ``meta`` goes into every rank's meta.json, merged with ``rank_meta[(tp_rank, pp_rank)]``.
-    ``optimizer_states`` is keyed by ``(tp_rank, pp_rank)`` or ``(tp_rank, pp_rank, dp_rank)``.
+    ``optimizer_tensors[(tp_rank, pp_rank)][param_name][kind]``, when given, covers every rank;
+    ``optimizer_state`` goes with each rank's, or is ``{(tp_rank, pp_rank): state}`` when every key is
+    such a tuple. ``layout`` and ``extra`` go into checkpoint.json.
     """
     writer = CheckpointWriter(root, iteration, config, tp, pp)
-    absent = [(t, p) for p in range(pp) for t in range(tp) if (t, p) not in rank_states]
+    ranks = [(t, p) for p in range(pp) for t in range(tp)]
+    absent = [r for r in ranks if r not in rank_states]
     if absent:
         raise CheckpointError(f"save_checkpoint: no state for (tp_rank, pp_rank) {absent} of TP={tp} x PP={pp}")
+    if optimizer_tensors is None and optimizer_state is not None:
+        raise CheckpointError("save_checkpoint: optimizer_state given without optimizer_tensors")
+    if optimizer_tensors is not None and (absent := [r for r in ranks if r not in optimizer_tensors]):
+        raise CheckpointError(f"save_checkpoint: no optimizer tensors for (tp_rank, pp_rank) {absent} "
+                              f"of TP={tp} x PP={pp}")
+    per_rank_state = bool(optimizer_state) and all(isinstance(k, tuple) for k in optimizer_state)
+    if per_rank_state and (absent := [r for r in ranks if r not in optimizer_state]):
+        raise CheckpointError(f"save_checkpoint: no optimizer state for (tp_rank, pp_rank) {absent} "
+                              f"of TP={tp} x PP={pp}")
+    recorded_layout(layout, tp, pp)  # a bad layout fails before any file is written
     dtype = _dominant_dtype(rank_states.values())
     writer.prepare()
     try:
         for (t, p), sd in rank_states.items():
             writer.write_model(t, p, sd)
             writer.write_meta(t, p, dtype, {**(meta or {}), **((rank_meta or {}).get((t, p), {}))})
-        for key, opt in (optimizer_states or {}).items():
-            writer.write_optimizer(key[0], key[1], opt, key[2] if len(key) > 2 else 0)
-        return writer.commit(dtype)
+        for (t, p), tensors in (optimizer_tensors or {}).items():
+            writer.write_optimizer(t, p, tensors, optimizer_state[(t, p)] if per_rank_state else optimizer_state)
+        return writer.commit(dtype, layout, extra)
     except BaseException:
         writer.abort()
         raise
@@ -224,14 +297,17 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, config: LlamaConfig
 
 def save_checkpoint_distributed(root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int,
                                 pp: int, tp_rank: int, pp_rank: int, state_dict: Mapping[str, torch.Tensor],
-                                *, meta: Mapping | None = None, optimizer_state: Mapping | None = None,
-                                dp_rank: int = 0, group=None) -> Path:
+                                *, meta: Mapping | None = None,
+                                optimizer_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                                optimizer_state: Mapping | None = None, layout: Mapping | None = None,
+                                extra: Mapping | None = None, dp_rank: int = 0, group=None) -> Path:
     """Collective save: every rank of ``group`` calls it with its own shards.
 
-    Data-parallel rank 0 of each (TP, PP) position writes the model and meta; every rank that passes
-    ``optimizer_state`` writes its own (ZeRO-sharded states differ across DP). Rank 0 of ``group``
-    commits once all succeeded. A failure on any rank fails the save on every rank (no hang, nothing
-    published).
+    Data-parallel rank 0 of each (TP, PP) position writes the model, ``meta`` and, when given, the
+    optimizer state (``optimizer_tensors[param_name][kind]``: whole local tensors, a ZeRO optimizer
+    gathers its DP slices first; ``optimizer_state``: counters and hyper-parameters); other DP ranks
+    write nothing. Rank 0 of ``group`` commits once all succeeded, recording ``layout`` and ``extra``
+    in checkpoint.json. A failure on any rank fails the save on every rank (no hang, nothing published).
     """
     import torch.distributed as dist
 
@@ -256,14 +332,18 @@ def save_checkpoint_distributed(root: str | os.PathLike, iteration: int, config:
     step(lambda: writer.prepare() if rank == 0 else None)
 
     def write_own() -> None:
-        if dp_rank == 0:
-            writer.write_model(tp_rank, pp_rank, state_dict)
-            writer.write_meta(tp_rank, pp_rank, dtype, meta)
-        if optimizer_state is not None:
-            writer.write_optimizer(tp_rank, pp_rank, optimizer_state, dp_rank)
+        if dp_rank != 0:
+            return
+        if optimizer_tensors is None and optimizer_state is not None:
+            raise CheckpointError("optimizer_state given without optimizer_tensors")
+        recorded_layout(layout, tp, pp)
+        writer.write_model(tp_rank, pp_rank, state_dict)
+        writer.write_meta(tp_rank, pp_rank, dtype, meta)
+        if optimizer_tensors is not None:
+            writer.write_optimizer(tp_rank, pp_rank, optimizer_tensors, optimizer_state)
 
     step(write_own)
-    step(lambda: writer.commit(dtype) if rank == 0 else None)
+    step(lambda: writer.commit(dtype, layout, extra) if rank == 0 else None)
     return writer.final_dir
 
 
@@ -319,19 +399,41 @@ class Checkpoint:
     padded_vocab_size: int
     info: dict
     headers: dict = field(default_factory=dict, repr=False)
+    optimizer_headers: dict = field(default_factory=dict, repr=False)
 
     @property
     def root(self) -> Path:
         return self.path.parent
 
+    @property
+    def layout(self) -> dict:
+        """The layout the run used (``tp``, ``pp``, ``dp`` and what the saver recorded); a checkpoint
+        written without one gives its TP and PP, and ``dp`` None."""
+        recorded = self.info.get("layout")
+        return dict(recorded) if recorded else {"tp": self.tp, "pp": self.pp, "dp": None}
+
+    @property
+    def extra(self) -> dict:
+        """What the saver stored in checkpoint.json (run config, counters)."""
+        return decode_state(self.info.get("extra") or {})
+
+    @property
+    def has_optimizer(self) -> bool:
+        return bool(self.info.get("optimizer"))
+
+    @property
+    def optimizer_kinds(self) -> list[str]:
+        """The optimizer tensor kinds every parameter has (``master``, ``exp_avg``, ...); [] when none."""
+        return list(self.info["optimizer"]["kinds"]) if self.has_optimizer else []
+
     def rank_dir(self, tp_rank: int, pp_rank: int) -> Path:
         return self.path / rank_dir_name(tp_rank, pp_rank)
 
     def names(self) -> list[str]:
-        return canonical_order(expected_engine_shapes(self.config))
+        return canonical_order(expected_shapes(self.config))
 
     def full_shape(self, name: str) -> tuple[int, ...]:
-        return expected_engine_shapes(self.config)[name]
+        return expected_shapes(self.config)[name]
 
     def source_stage(self, name: str) -> int:
         return stage_of(name, self.config.num_hidden_layers, self.pp, self.config.tie_word_embeddings)[0]
@@ -343,32 +445,28 @@ class Checkpoint:
         info = self.headers[(tp_rank, pp_rank)][name]
         return read_tensor(self.rank_dir(tp_rank, pp_rank) / MODEL_FILE, info)
 
+    def read_optimizer_shard(self, tp_rank: int, pp_rank: int, name: str, kind: str) -> torch.Tensor:
+        """One rank's ``kind`` tensor of parameter ``name``, as stored (local shape, vocab padded)."""
+        path, key = self.rank_dir(tp_rank, pp_rank) / OPTIMIZER_FILE, optimizer_key(name, kind)
+        if key not in self.optimizer_headers.get((tp_rank, pp_rank), {}):
+            raise CheckpointError(f"{path}: no optimizer tensor {key!r} (kinds saved: {self.optimizer_kinds})")
+        return read_tensor(path, self.optimizer_headers[(tp_rank, pp_rank)][key])
+
     def meta(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:
         """The state the saver passed for this rank (RNG states, counters, loader position...)."""
         return decode_state(_read_json(self.rank_dir(tp_rank, pp_rank) / META_FILE)["state"])
 
-    def optimizer_state(self, tp_rank: int, pp_rank: int, dp_rank: int = 0) -> dict:
-        """The optimizer state saved for this rank, with its tensors (same layout only)."""
-        st_name, json_name = optimizer_file_names(dp_rank)
-        rdir = self.rank_dir(tp_rank, pp_rank)
-        if not (rdir / json_name).is_file():
-            raise CheckpointError(f"{rdir}: no optimizer state for data-parallel rank {dp_rank} ({json_name})")
-        st_path = rdir / st_name
-        tensors = {k: read_tensor(st_path, info) for k, info in read_header(st_path)[0].items()}
-        return decode_state(_read_json(rdir / json_name)["state"], tensors)
+    def optimizer_state(self, tp_rank: int = 0, pp_rank: int = 0) -> dict:
+        """The optimizer counters and hyper-parameters saved with this rank's optimizer tensors."""
+        if not self.has_optimizer:
+            raise CheckpointError(f"{self.path}: holds no optimizer state")
+        return decode_state(_read_json(self.rank_dir(tp_rank, pp_rank) / OPTIMIZER_STATE_FILE)["state"])
 
 
-def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
-                    expect_config: LlamaConfig | None = None) -> Checkpoint:
-    """Find and validate a checkpoint (root with ``latest``, or an ``iter_N`` directory).
-
-    Checks the format, that every (TP, PP) file set exists, that each ``model.safetensors`` holds
-    exactly the expected names with the expected local shapes, that every ``meta.json`` describes
-    the same model and layout, and (when given) that the model is ``expect_config``.
-    """
-    it_dir = resolve_checkpoint_dir(path, iteration)
-    info = _read_json(it_dir / CHECKPOINT_JSON)
+def _read_checkpoint_info(it_dir: Path, iteration: int | None):
+    """checkpoint.json, validated: (info, config, tp, pp, iteration)."""
     where = it_dir / CHECKPOINT_JSON
+    info = _read_json(where)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not an engine checkpoint (format {info.get('format') if isinstance(info, dict) else None!r})")
     if info.get("version") != FORMAT_VERSION:
@@ -377,42 +475,57 @@ def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
         config = LlamaConfig.from_hf_dict(info["config"], source=f"{where} config")
         tp, pp, it = int(info["tp"]), int(info["pp"]), int(info["iteration"])
         validate_layout(config, tp, pp)
+        if info.get("layout") is not None:
+            recorded_layout(info["layout"], tp, pp)
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+    optimizer = info.get("optimizer")
+    if optimizer and not (isinstance(optimizer, dict) and isinstance(optimizer.get("kinds"), list)
+                          and optimizer["kinds"] and all(isinstance(k, str) for k in optimizer["kinds"])):
+        raise CheckpointError(f"{where}: 'optimizer' must hold a non-empty list of tensor kinds, got {optimizer!r}")
     if iteration is not None and it != iteration:
         raise CheckpointError(f"{where}: holds iteration {it}, not {iteration}")
+    return info, config, tp, pp, it
+
+
+def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
+                    expect_config: LlamaConfig | None = None) -> Checkpoint:
+    """Find and validate a checkpoint (root with ``latest``, or an ``iter_N`` directory).
+
+    Checks the format, that every (TP, PP) file set exists, that each ``model.safetensors`` (and,
+    when checkpoint.json records an optimizer, each ``optimizer.safetensors``) holds exactly the
+    expected tensors with the expected local shapes, that every ``meta.json`` describes the same
+    model and layout, and (when given) that the model is ``expect_config``.
+    """
+    it_dir = resolve_checkpoint_dir(path, iteration)
+    info, config, tp, pp, it = _read_checkpoint_info(it_dir, iteration)
     if expect_config is not None and (diff := config_differences(config, expect_config)):
         raise CheckpointError(f"{it_dir}: checkpoint of another model; config differs: {'; '.join(diff)}")
     ckpt = Checkpoint(it_dir, it, config, tp, pp, padded_vocab_size(config.vocab_size, tp), info)
+    kinds = ckpt.optimizer_kinds
+    required = (MODEL_FILE, META_FILE) + ((OPTIMIZER_FILE, OPTIMIZER_STATE_FILE) if kinds else ())
     problems: list[str] = []
     for pp_rank in range(pp):
         expected = expected_rank_shapes(config, tp, pp, pp_rank)
+        expected_optimizer = {optimizer_key(n, k): s for n, s in expected.items() for k in kinds}
         for tp_rank in range(tp):
             rdir = ckpt.rank_dir(tp_rank, pp_rank)
-            absent = [f for f in (MODEL_FILE, META_FILE) if not (rdir / f).is_file()]
+            absent = [f for f in required if not (rdir / f).is_file()]
             if absent:
                 problems.append(f"file set {rdir.name} (TP rank {tp_rank}, PP rank {pp_rank}) "
                                 f"is missing {absent}")
                 continue
             try:
                 header = read_header(rdir / MODEL_FILE)[0]
+                optimizer_header = read_header(rdir / OPTIMIZER_FILE)[0] if kinds else {}
             except ValueError as e:
                 problems.append(str(e))
                 continue
             ckpt.headers[(tp_rank, pp_rank)] = header
-            missing = [n for n in expected if n not in header]
-            unexpected = sorted(set(header) - set(expected))
-            misshaped = [f"{n} {header[n].shape} (expected {s})" for n, s in expected.items()
-                         if n in header and header[n].shape != s]
-            first = ckpt.headers.get((0, pp_rank), {})
-            misshaped += [f"{n} is {header[n].dtype} but {first[n].dtype} on TP rank 0" for n in expected
-                          if n in header and n in first and header[n].dtype != first[n].dtype]
-            for label, items in (("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
-                                 ("mis-shaped tensor(s)", misshaped)):
-                if items:
-                    problems.append(f"{rdir.name}/{MODEL_FILE}: {label} {items}")
+            problems += header_problems(f"{rdir.name}/{MODEL_FILE}", header, expected,
+                                         ckpt.headers.get((0, pp_rank), {}))
             meta = _read_json(rdir / META_FILE)
             coords = {"tp": tp, "pp": pp, "tp_rank": tp_rank, "pp_rank": pp_rank, "iteration": it}
             wrong = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in coords.items() if meta.get(k) != v]
@@ -420,6 +533,14 @@ def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
                 wrong.append("config differs from checkpoint.json")
             if wrong:
                 problems.append(f"{rdir.name}/{META_FILE}: {'; '.join(wrong)}")
+            if kinds:
+                ckpt.optimizer_headers[(tp_rank, pp_rank)] = optimizer_header
+                problems += header_problems(f"{rdir.name}/{OPTIMIZER_FILE}", optimizer_header, expected_optimizer,
+                                             ckpt.optimizer_headers.get((0, pp_rank), {}))
+                saved_kinds = _read_json(rdir / OPTIMIZER_STATE_FILE).get("kinds")
+                if saved_kinds != kinds:
+                    problems.append(f"{rdir.name}/{OPTIMIZER_STATE_FILE}: tensor kinds {saved_kinds!r} "
+                                    f"(checkpoint.json records {kinds!r})")
     if problems:
         raise CheckpointError(f"{it_dir}: invalid checkpoint: " + " | ".join(problems))
     return ckpt
@@ -429,25 +550,36 @@ def _as_checkpoint(ckpt: Checkpoint | str | os.PathLike, iteration: int | None =
     return ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt, iteration)
 
 
-def read_full_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """One parameter reassembled from its TP shards, vocabulary padding removed.
-
-    Shards are copied one by one into the result: peak memory is the parameter plus one shard.
-    """
-    stage = ckpt.source_stage(name)
+def _assemble(ckpt: Checkpoint, name: str, read_shard: Callable[[int], torch.Tensor],
+              dtype: torch.dtype) -> torch.Tensor:
+    """A full, unpadded tensor of parameter ``name`` from ``read_shard(tp_rank)``, shard by shard:
+    peak memory is the tensor plus one shard."""
     dim = tp_shard_dim(name)
     if dim is None:
-        return ckpt.read_shard(0, stage, name)
-    full = torch.empty(ckpt.full_shape(name), dtype=ckpt.dtype(name))
+        return read_shard(0)
+    full = torch.empty(ckpt.full_shape(name), dtype=dtype)
     start = 0
     for t in range(ckpt.tp):
-        shard = ckpt.read_shard(t, stage, name)
+        shard = read_shard(t)
         kept = min(shard.shape[dim], full.shape[dim] - start)  # the vocabulary padding is dropped
         if kept > 0:
             full.narrow(dim, start, kept).copy_(shard.narrow(dim, 0, kept))
         start += shard.shape[dim]
         del shard
     return full
+
+
+def read_full_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One parameter reassembled from its TP shards, vocabulary padding removed."""
+    stage = ckpt.source_stage(name)
+    return _assemble(ckpt, name, lambda t: ckpt.read_shard(t, stage, name), ckpt.dtype(name))
+
+
+def read_full_optimizer_tensor(ckpt: Checkpoint, name: str, kind: str) -> torch.Tensor:
+    """One parameter's optimizer tensor of ``kind`` reassembled from its TP shards, padding removed."""
+    stage = ckpt.source_stage(name)
+    dtype = ckpt.optimizer_headers[(0, stage)][optimizer_key(name, kind)].dtype
+    return _assemble(ckpt, name, lambda t: ckpt.read_optimizer_shard(t, stage, name, kind), dtype)
 
 
 def iter_full_tensors(ckpt: Checkpoint | str | os.PathLike, iteration: int | None = None
@@ -465,14 +597,18 @@ def load_full_tensors(ckpt: Checkpoint | str | os.PathLike, iteration: int | Non
     return dict(iter_full_tensors(ckpt, iteration))
 
 
+def _check_target(ckpt: Checkpoint, tp_rank: int, pp_rank: int, tp: int, pp: int) -> None:
+    validate_layout(ckpt.config, tp, pp)
+    if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
+        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside the layout TP={tp} x PP={pp}")
+
+
 def load_rank_shard(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank: int, tp: int, pp: int,
                     ) -> dict[str, torch.Tensor]:
     """Local shards of rank (``tp_rank``, ``pp_rank``) for a target layout TP=``tp`` x PP=``pp``,
     which may differ from the checkpoint's (resharding). Peak memory: one full parameter."""
     ckpt = _as_checkpoint(ckpt)
-    validate_layout(ckpt.config, tp, pp)
-    if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
-        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside the layout TP={tp} x PP={pp}")
+    _check_target(ckpt, tp_rank, pp_rank, tp, pp)
     out = {}
     for name in stage_names(ckpt.config, pp, pp_rank):
         if tp == ckpt.tp:  # same TP split: the shard is on disk as is, whatever the PP split
@@ -480,3 +616,29 @@ def load_rank_shard(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank:
         else:
             out[name] = tp_shard(name, read_full_tensor(ckpt, name), tp, tp_rank).clone()
     return out
+
+
+def load_rank_optimizer(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank: int, tp: int, pp: int,
+                        ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Optimizer state of rank (``tp_rank``, ``pp_rank``) for a target layout TP=``tp`` x PP=``pp``:
+    ``(tensors[param_name][kind], state)``, each tensor shaped like the rank's parameter shard.
+
+    Another TP split reassembles each tensor from the saved shards and cuts it again (vocabulary
+    padding rows are dropped and re-padded with zeros), one tensor at a time. ``state`` is that of
+    the saved file set holding the rank's first parameter (counters and hyper-parameters are the
+    same on every rank)."""
+    ckpt = _as_checkpoint(ckpt)
+    _check_target(ckpt, tp_rank, pp_rank, tp, pp)
+    if not ckpt.has_optimizer:
+        raise CheckpointError(f"{ckpt.path}: holds no optimizer state (saved without one)")
+    names = stage_names(ckpt.config, pp, pp_rank)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        stage = ckpt.source_stage(name)
+        if tp == ckpt.tp:
+            out[name] = {k: ckpt.read_optimizer_shard(tp_rank, stage, name, k) for k in ckpt.optimizer_kinds}
+        else:
+            out[name] = {k: tp_shard(name, read_full_optimizer_tensor(ckpt, name, k), tp, tp_rank).clone()
+                         for k in ckpt.optimizer_kinds}
+    source = (tp_rank if tp == ckpt.tp else 0, ckpt.source_stage(names[0]))
+    return out, ckpt.optimizer_state(*source)

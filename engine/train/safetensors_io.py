@@ -87,6 +87,22 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return infos, metadata
 
 
+def header_problems(label: str, header: Mapping, expected: Mapping[str, tuple[int, ...]],
+                     first: Mapping) -> list[str]:
+    """What is wrong with a file's ``header`` (from :func:`read_header`) against the ``expected``
+    shapes: missing, unexpected and mis-shaped tensors, and dtypes that differ from ``first`` (the
+    header of the same file on TP rank 0), each list prefixed by ``label``."""
+    missing = [n for n in expected if n not in header]
+    unexpected = sorted(set(header) - set(expected))
+    misshaped = [f"{n} {header[n].shape} (expected {s})" for n, s in expected.items()
+                 if n in header and header[n].shape != s]
+    misshaped += [f"{n} is {header[n].dtype} but {first[n].dtype} on TP rank 0" for n in expected
+                  if n in header and n in first and header[n].dtype != first[n].dtype]
+    return [f"{label}: {what} {items}" for what, items in (
+        ("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
+        ("mis-shaped tensor(s)", misshaped)) if items]
+
+
 def read_tensor(path: str | os.PathLike, info: TensorInfo) -> torch.Tensor:
     """Read one tensor straight into a fresh tensor (no mmap, no intermediate copy)."""
     _check_little_endian()
