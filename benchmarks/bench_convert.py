@@ -30,7 +30,7 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 from engine.convert import sharded
-from engine.train.safetensors_io import SafetensorsWriter, read_header, read_tensor
+from engine.safetensors_io import SafetensorsWriter, read_header, read_tensor
 t0 = time.perf_counter()
 """
 CHILD_EPILOGUE = """
@@ -79,13 +79,13 @@ BASELINE = "pass\n"
 IMPORT = "sharded.import_hf({hf!r}, {ckpt!r}, tp={tp}, pp={pp}, progress=False)\n"
 EXPORT = "sharded.export_hf({ckpt!r}, {out!r}, max_shard_size='1GB', progress=False)\n"
 SAFE_OPEN = """
-from engine.convert.hf import iter_hf_tensors
+from engine.model.hf import iter_hf_tensors
 for name, t in iter_hf_tensors({hf!r}):
     t.max()  # touch every byte, as a conversion would
     del t
 """
 VERIFY = """
-from engine.convert.hf import hf_weight_files
+from engine.model.hf import hf_weight_files
 a, b = hf_weight_files({hf!r}), hf_weight_files({out!r})
 assert set(a) == set(b), sorted(set(a) ^ set(b))
 for name in a:

@@ -16,7 +16,7 @@ from dist_utils import run_distributed
 from engine.model.config import LlamaConfig
 from engine.model.llama import expected_shapes
 from engine.train import checkpoint as ck
-from engine.train import safetensors_io as sio
+from engine import safetensors_io as sio
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")

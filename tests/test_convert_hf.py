@@ -17,11 +17,12 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.convert import hf, sharded
+from engine.convert import sharded
+from engine.model import hf
 from engine.model.llama import expected_shapes
 from engine.parallel.layout import local_shape
 from engine.train import checkpoint as ck
-from engine.train import safetensors_io as sio
+from engine import safetensors_io as sio
 from test_checkpoint import ref_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.convert.hf import (INDEX_FILE, SINGLE_FILE, engine_to_hf_name, hf_to_engine_name, hf_weight_files,
+from engine.model.hf import (INDEX_FILE, SINGLE_FILE, engine_to_hf_name, hf_to_engine_name, hf_weight_files,
                                iter_hf_rank_shards, iter_hf_tensors, load_hf_model)
 from engine.model.config import LlamaConfig
 from engine.model.llama import expected_shapes

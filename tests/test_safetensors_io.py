@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.train import safetensors_io as sio
+from engine import safetensors_io as sio
 
 
 def test_streamed_safetensors_file_is_read_by_the_library_and_reads_library_files(tmp_path):

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.convert.hf import engine_to_hf_name, plan_hf_tensors, read_hf_shard
+from engine.model.hf import engine_to_hf_name, plan_hf_tensors, read_hf_shard
 from engine.fileio import replace_dir, write_json_atomic
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import stage_of, tp_shard_dim
 from engine.parallel.state import validate_layout
 from engine.train.checkpoint import CheckpointWriter, dominant_dtype, open_checkpoint, read_full_tensor
-from engine.train.safetensors_io import SafetensorsWriter, dtype_name
+from engine.safetensors_io import SafetensorsWriter, dtype_name
 
 # Files besides the weights that make a HF directory usable: copied into the checkpoint on import
 # (under tokenizer/) and back out on export.

@@ -204,6 +204,12 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
 
+def config_differences(a: LlamaConfig, b: LlamaConfig) -> list[str]:
+    """``"field: a != b"`` for every config.json field where two models differ (empty: the same model)."""
+    da, db = a.to_hf_dict(), b.to_hf_dict()
+    return [f"{k}: {da.get(k)!r} != {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+
+
 def _merge_rope_parameters(rope_parameters: Any, kwargs: dict, source: str) -> None:
     """Fold transformers 5.x ``rope_parameters`` ({"rope_type", "rope_theta", ...}) into kwargs."""
     if rope_parameters is None:

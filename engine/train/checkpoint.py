@@ -18,7 +18,7 @@ A save builds ``iter_N.saving/``, renames it to ``iter_N/`` once every rank's fi
 ``checkpoint.json`` are written, and only then replaces ``latest``, so a crash leaves the previous
 checkpoint or the new one, never a partial one that looks complete.
 Tensors are safetensors, everything else JSON: nothing here unpickles. Files are read and written
-through :mod:`engine.train.safetensors_io`, one tensor at a time and without mmap, so peak memory
+through :mod:`engine.safetensors_io`, one tensor at a time and without mmap, so peak memory
 stays near one tensor (or one full parameter when resharding) rather than the checkpoint's size.
 """
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from engine.fileio import fsync_dir, replace_dir, write_json_atomic, write_text_atomic
-from engine.model.config import LlamaConfig
+from engine.model.config import LlamaConfig, config_differences
 from engine.model.llama import expected_shapes
 from engine.parallel.layout import canonical_order, local_shape, padded_vocab_size, stage_of, tp_shard, tp_shard_dim
 from engine.parallel.state import validate_layout
-from engine.train.safetensors_io import (CheckpointError, SafetensorsWriter, decode_state, dtype_name, encode_state,
+from engine.safetensors_io import (CheckpointError, SafetensorsWriter, decode_state, dtype_name, encode_state,
                                          header_problems, read_header, read_tensor)
 
 FORMAT = "ltu-engine-checkpoint"
@@ -380,11 +380,6 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON: {e}") from None
-
-
-def config_differences(a: LlamaConfig, b: LlamaConfig) -> list[str]:
-    da, db = a.to_hf_dict(), b.to_hf_dict()
-    return [f"{k}: {da.get(k)!r} != {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
 
 
 @dataclass

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.model.config import LlamaConfig
+from engine.model.config import LlamaConfig, config_differences
 from engine.model.llama import Llama, expected_shapes
 from engine.parallel.layout import (canonical_order, is_vocab_parallel, pad_rows, stage_of, tp_shard, tp_shard_dim,
                                    vocab_shard_range)
 from engine.parallel.state import validate_layout
-from engine.train.checkpoint import config_differences
-from engine.train.safetensors_io import TensorInfo, read_header, read_rows, read_tensor
+from engine.safetensors_io import TensorInfo, read_header, read_rows, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
