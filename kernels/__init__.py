@@ -1,4 +1,5 @@
-"""Triton kernels, one file each, each with its autograd.Function and PyTorch reference.
+"""Triton kernels, one file each with its autograd.Function; the PyTorch version of each op, which
+they are checked against, lives in engine/ops.py.
 
 Kernels never import the engine.
 """

@@ -238,8 +238,8 @@ def _dkdv_query_loop(dk, dv, k, v, q_desc, do_desc, q_ptrs, do_ptrs, lse_ptr, de
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         if CAUSAL:
-            # Only tiles overlapping the diagonal need the mask. A uniform branch in one loop rather
-            # than two loops: the second copy of the loop pushed dK/dV into register spills.
+            # Only tiles overlapping the diagonal need the mask. One loop with a uniform branch, not
+            # two loops: a second copy of the loop body pushes dK/dV into register spills.
             if start_m < mask_end:
                 p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -433,43 +433,40 @@ def _tiles_for(blocks: AttentionBlocks, kernel) -> tuple[int, int, int, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caller: str = "flash_attention",
-                  for_kernel: bool = True) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{caller}: {name} must be 4-D [batch, seq, heads, head_dim], "
+            raise ValueError(f"flash_attention: {name} must be 4-D [batch, seq, heads, head_dim], "
                              f"got shape {tuple(t.shape)}")
-        if for_kernel and t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{caller}: {name} has dtype {t.dtype}; supported: "
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"flash_attention: {name} has dtype {t.dtype}; supported: "
                             f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{caller}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"{caller}: q, k, v must be on one device, got "
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got "
                          f"{q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"{caller}: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
     (batch, seq, heads, head_dim), kv_heads = q.shape, k.shape[2]
     if k.shape[0] != batch or k.shape[1] != seq:
-        raise ValueError(f"{caller}: k/v batch and seq {tuple(k.shape[:2])} differ from q's "
+        raise ValueError(f"flash_attention: k/v batch and seq {tuple(k.shape[:2])} differ from q's "
                          f"{(batch, seq)}")
     if k.shape[3] != head_dim:
-        raise ValueError(f"{caller}: k/v head_dim {k.shape[3]} differs from q's {head_dim}")
+        raise ValueError(f"flash_attention: k/v head_dim {k.shape[3]} differs from q's {head_dim}")
     if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"{caller}: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
-    if not for_kernel:
-        return
+        raise ValueError(f"flash_attention: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{caller}: head_dim {head_dim} unsupported; supported: "
+        raise ValueError(f"flash_attention: head_dim {head_dim} unsupported; supported: "
                          f"{SUPPORTED_HEAD_DIMS}")
     if batch * heads > MAX_BATCH_HEADS:
-        raise ValueError(f"{caller}: batch * heads = {batch * heads} exceeds the {MAX_BATCH_HEADS} "
+        raise ValueError(f"flash_attention: batch * heads = {batch * heads} exceeds the {MAX_BATCH_HEADS} "
                          "launch-grid limit")
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{caller}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 "
-                           "set before importing kernels); use attention_reference on CPU otherwise")
+        raise RuntimeError("flash_attention: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 "
+                           "set before importing kernels); compute CPU attention with PyTorch otherwise")
 
 
 def _head_dim_major(t: torch.Tensor) -> torch.Tensor:
@@ -605,28 +602,3 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (q.dtype in SUPPORTED_DTYPES and head_dim in SUPPORTED_HEAD_DIMS
             and batch * heads <= MAX_BATCH_HEADS
             and (not needs_wide_row_offsets(q, k, v) or tma_possible(q, k, v)))
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        softmax_scale: float | None = None, upcast: bool = True) -> torch.Tensor:
-    """Plain PyTorch attention with the same layout; K/V heads are expanded to the query heads.
-
-    upcast=True computes in fp32 (the reference the kernels are tested against). upcast=False keeps
-    the matmuls in the input dtype with the softmax in fp32, as a straightforward half-precision
-    implementation would (the baseline of the GPU accuracy rule). Returns q's dtype.
-    """
-    _check_inputs(q, k, v, "attention_reference", for_kernel=False)
-    heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    work = torch.float32 if upcast else q.dtype
-    qh = q.to(work).transpose(1, 2)                                   # [b, h, s, d]
-    kh = k.to(work).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
-    vh = v.to(work).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
-    if causal:
-        seq = q.shape[1]
-        above = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(above, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(work)
-    return torch.matmul(probs, vh).transpose(1, 2).to(q.dtype)
-

@@ -6,10 +6,9 @@ Candidates are (block_m, block_n, warps, stages), per head_dim class (64: head_d
 and kind (Hopper with TMA descriptor loads, Hopper with pointer loads, compute capability 8.x); the
 first entry of each list is the default used without tuning. Every entry compiles without register
 spills (no stack frame) with Triton's bundled ptxas, for sm_90 (Hopper kinds) or sm_80 (ampere), when
-launched with 16-byte-aligned tensors, with Triton 3.9 (this project's CPU machines) and 3.6 (the
-lent GPU machines' image), as `python tools/kernel_resources.py [--sm 80]` reports and
-benchmarks/results/kernels.md records; spilling tiles were dropped. Which one is fastest is for the
-tuner to measure on the GPU.
+launched with 16-byte-aligned tensors, under Triton 3.6 and 3.9; `python tools/kernel_resources.py
+[--sm 80]` reports this per entry (benchmarks/results/kernels.md holds the report), and tiles that
+spill are not listed. The autotuner times the entries on the GPU and keeps the fastest.
 """
 from __future__ import annotations
 
@@ -56,11 +55,11 @@ class AttentionBlocks:
 # Candidate lists are keyed by (head_dim class, kind): "tma" and "pointer" are the two load paths on
 # Hopper (compute capability 9.x, wgmma tensor cores), "ampere" the pointer loads of compute
 # capability 8.x (mma.sync, fewer registers to spare: most Hopper tiles spill there). Other
-# generations get the ampere lists too, which nobody has compiled or timed for them yet.
+# generations get the ampere lists too; those are compiled and checked for sm_80 only.
 #
 # Forward tiles follow the usual choice of 128 queries x 64 keys where it fits. The dK/dV pass keeps
 # two [block_n, head_dim] fp32 accumulators in registers: with TMA loads at head_dim 128, 32 x 128
-# tiles spill (120 stack bytes), so that path starts from 32 x 64.
+# tiles spill (120 stack bytes), so that list starts from 32 x 64.
 FWD_CANDIDATES = {
     (64, "pointer"): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
     (64, "tma"): [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
@@ -145,7 +144,7 @@ def tma_addressable(t: torch.Tensor) -> bool:
 
 def hopper(device: torch.device) -> bool:
     """Compute capability 9.x: tensor-memory-accelerator copies and the lists tuned for them. (Later
-    generations have TMA too, but these tiles were only checked for sm_90.)"""
+    generations have TMA too; they take the ampere lists, since these tiles are checked for sm_90.)"""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 

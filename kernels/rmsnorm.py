@@ -1,4 +1,4 @@
-"""RMSNorm: Triton forward and backward, its autograd.Function and the PyTorch reference.
+"""RMSNorm: Triton forward and backward and its autograd.Function.
 
 Casting order is Hugging Face Llama's: the statistics and the normalisation run in fp32, the
 normalised x is cast back to the input dtype, and only then multiplied by the weight:
@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels._utils import (
+    FLOAT_DTYPES,
     cast_rtne,
     cdiv,
     check_float_tensor,
@@ -36,15 +37,6 @@ MAX_HIDDEN = 65536
 _TILE_ELEMENTS = 4096
 # Partial weight-gradient rows summed per step by the final reduction.
 _SUM_TILE_ROWS = 128
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face Llama RMSNorm in plain PyTorch (the engine's CPU path and the kernel's oracle)."""
-    input_dtype = x.dtype
-    h = x.to(torch.float32)
-    variance = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(input_dtype)
 
 
 @triton.jit
@@ -169,6 +161,14 @@ def backward_partition(n_rows: int, block_m: int, target_programs: int) -> tuple
     return rows_per_program, cdiv(n_rows, rows_per_program)
 
 
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether rms_norm takes these inputs: float dtypes, a hidden size 1..MAX_HIDDEN that the 1-D
+    weight matches, one device."""
+    return (x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES and x.dim() >= 1
+            and 0 < x.shape[-1] <= MAX_HIDDEN and weight.dim() == 1 and weight.shape[0] == x.shape[-1]
+            and weight.device == x.device)
+
+
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     check_float_tensor("rms_norm input x", x)
     check_float_tensor("rms_norm weight", weight)
@@ -261,7 +261,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     """Fused RMSNorm over the last dimension of `x` (any leading shape), HF Llama casting order.
 
     x: float16, bfloat16 or float32; weight: [hidden]. Output dtype is promote(x.dtype, weight.dtype),
-    as in the reference. Differentiable in x and weight. `backward_programs` overrides how many
+    as in Llama's RMSNorm. Differentiable in x and weight. `backward_programs` overrides how many
     programs split the rows in the backward (default: a few per multiprocessor).
     """
     _check_inputs(x, weight, eps)

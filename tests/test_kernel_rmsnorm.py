@@ -1,14 +1,15 @@
-"""Triton RMSNorm against an fp32 PyTorch reference (interpreter on CPU, real kernels on CUDA)."""
+"""Triton RMSNorm against the engine's PyTorch RMSNorm in fp32 (interpreter on CPU, real kernels on CUDA)."""
 import pytest
 import torch
 
 import kernels.rmsnorm as rmsnorm_module
+from engine.ops import rms_norm_reference
 from kernels.rmsnorm import (
     MAX_HIDDEN,
     backward_partition,
     launch_config,
     rms_norm,
-    rms_norm_reference,
+    supports,
 )
 
 from kernel_marks import INTERPRETER_ONLY
@@ -178,6 +179,17 @@ def test_bad_inputs_are_refused_by_name():
         rms_norm(x, torch.ones(48), 0.0)
     with pytest.raises(ValueError, match=f"hidden size {MAX_HIDDEN + 1}"):
         rms_norm(torch.randn(1, MAX_HIDDEN + 1, dtype=torch.float16), torch.ones(MAX_HIDDEN + 1), EPS)
+
+
+def test_supports_names_what_the_kernel_takes():
+    x = torch.zeros(3, 48, dtype=torch.bfloat16)
+    assert supports(x, torch.ones(48)) and supports(x.half(), torch.ones(48, dtype=torch.float16))
+    assert not supports(x.long(), torch.ones(48))  # integer input
+    assert not supports(x, torch.ones(47))  # weight does not match the hidden size
+    assert not supports(x, torch.ones(1, 48))  # weight not 1-D
+    assert not supports(torch.zeros(3, 0), torch.ones(0))  # empty hidden size
+    assert not supports(torch.zeros(1, MAX_HIDDEN + 1), torch.ones(MAX_HIDDEN + 1))
+    assert not supports(x, torch.ones(48, device="meta"))  # two devices
 
 
 def _max_errors(impl, x, w, dy):

@@ -1,8 +1,9 @@
-"""The engine's Llama trains on CUDA with the Triton kernels and follows the PyTorch-ops run.
+"""The engine's Llama trains on CUDA with the Triton kernels and follows the PyTorch-ops run, and the
+kernels pass the start-up self-check on this GPU.
 
-Same weights, same batch, bf16 parameters: first-step gradients and the loss curve with kernels
-(engine.ops dispatching to kernels/) must match the run with plain PyTorch ops (use_kernels(False))
-to bf16 tolerance, and the kernels must really have been called.
+Same weights, same batch, bf16 parameters: first-step gradients and the loss curve with
+Ops("triton") must match the run with Ops("torch") to bf16 tolerance, and the kernels must really
+have been called (and never under Ops("torch")).
 """
 import importlib
 
@@ -38,32 +39,27 @@ def _count_calls(monkeypatch, module_name, function_name, counter):
     return True
 
 
-def _train(with_kernels: bool):
-    from engine import ops
+def _train(mode: str):
     from engine.model.llama import Llama
+    from engine.ops import Ops
 
-    previous = ops.kernels_enabled()
-    ops.use_kernels(with_kernels)
-    try:
-        model = Llama(_config())
-        model.init_weights(seed=0)
-        model.to(device="cuda", dtype=torch.bfloat16)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1)).cuda()
-        losses, first_grads = [], None
-        for step in range(STEPS):
-            logits = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-            loss.backward()
-            if step == 0:
-                first_grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        torch.cuda.synchronize()
-        return losses, first_grads
-    finally:
-        ops.use_kernels(previous)
+    model = Llama(_config(), ops=Ops(mode))
+    model.init_weights(seed=0)
+    model.to(device="cuda", dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1)).cuda()
+    losses, first_grads = [], None
+    for step in range(STEPS):
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    return losses, first_grads
 
 
 def test_llama_trains_with_kernels_like_pytorch_ops(monkeypatch):
@@ -71,9 +67,9 @@ def test_llama_trains_with_kernels_like_pytorch_ops(monkeypatch):
     assert _count_calls(monkeypatch, "kernels.rmsnorm", "rms_norm", calls)
     has_attention_kernel = _count_calls(monkeypatch, "kernels.attention", "flash_attention", calls)
 
-    torch_losses, torch_grads = _train(with_kernels=False)
-    assert calls == {}, f"kernels called with use_kernels(False): {calls}"
-    kernel_losses, kernel_grads = _train(with_kernels=True)
+    torch_losses, torch_grads = _train("torch")
+    assert calls == {}, f"kernels called with Ops('torch'): {calls}"
+    kernel_losses, kernel_grads = _train("triton")
 
     # 2 norms per layer + final norm, per step; attention once per layer per step.
     assert calls.get("kernels.rmsnorm", 0) == STEPS * 5
@@ -89,3 +85,23 @@ def test_llama_trains_with_kernels_like_pytorch_ops(monkeypatch):
         # Same weights at step 0; afterwards bf16 rounding differences compound through the updates.
         tol = 5e-3 if step == 0 else 3e-2
         assert abs(a - b) <= tol * abs(b), f"step {step}: loss {a:.5f} with kernels vs {b:.5f} (PyTorch ops)"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernels_pass_the_self_check_on_this_gpu(head_dim):
+    """What the training loop runs at start-up under "auto": every kernel passes on this device, in
+    bf16, at the default check shapes and at a Llama's own (head_dim 128, GQA 4)."""
+    import warnings
+
+    from engine.model.config import LlamaConfig
+    from engine.ops import CheckShapes, Ops
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32 * head_dim, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8)
+    for shapes in (CheckShapes(), CheckShapes.for_model(config)):
+        ops = Ops("auto")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            verdicts = ops.self_check("cuda", shapes=shapes)
+        assert [v.passed for v in verdicts.values()] == [True, True], [str(v) for v in verdicts.values()]
+        assert ops.verdicts(torch.device("cuda", torch.cuda.current_device())) == verdicts

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from engine import ops
-from engine.convert.hf import engine_to_hf_name, hf_to_engine_name
+from engine.model.hf import engine_to_hf_name, hf_to_engine_name
 from engine.model.config import LlamaConfig
-from engine.model.llama import Attention, Llama, MLP, init_parameter, rope_inv_freq
+from engine.model.llama import Attention, Llama, MLP, RMSNorm, init_parameter, rope_inv_freq
+from engine.ops import TORCH_OPS, Ops, attention_reference, rms_norm_reference
+from engine.parallel.state import single_process_state
+from engine.parallel.tensor_parallel import RMSNormEnteringTP, build_parallel_llama
 from kernel_marks import INTERPRETER_ONLY
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -109,7 +111,8 @@ def test_rms_norm_matches_transformers_in_bf16():
         norm.weight.copy_(1 + torch.randn(64))
     norm = norm.to(torch.bfloat16)
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16) * 4
-    assert torch.equal(ops.rms_norm(x, norm.weight, 1e-5), norm(x))
+    assert torch.equal(rms_norm_reference(x, norm.weight, 1e-5), norm(x))
+    assert torch.equal(Ops("auto").rms_norm(x, norm.weight, 1e-5), norm(x))  # CPU: PyTorch
 
 
 def _naive_attention(q, k, v, scale):
@@ -125,26 +128,81 @@ def _naive_attention(q, k, v, scale):
 def test_attention_matches_naive_gqa(kv_heads):
     q = torch.randn(2, 9, 6, 16)
     k, v = torch.randn(2, 9, kv_heads, 16), torch.randn(2, 9, kv_heads, 16)
-    torch.testing.assert_close(ops.attention(q, k, v), _naive_attention(q, k, v, 0.25), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ops.attention(q, k, v, softmax_scale=0.1), _naive_attention(q, k, v, 0.1),
+    torch.testing.assert_close(attention_reference(q, k, v), _naive_attention(q, k, v, 0.25),
                                rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Ops("torch").attention(q, k, v, softmax_scale=0.1),
+                               _naive_attention(q, k, v, 0.1), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_rejects_incompatible_shapes():
+    for mode in ("torch", "triton"):
+        with pytest.raises(ValueError, match="incompatible shapes"):
+            Ops(mode).attention(torch.randn(1, 4, 6, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8))
     with pytest.raises(ValueError, match="incompatible shapes"):
-        ops.attention(torch.randn(1, 4, 6, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8))
+        attention_reference(torch.randn(1, 4, 6, 8), torch.randn(1, 5, 3, 8), torch.randn(1, 5, 3, 8))
 
 
-def test_use_kernels_switch():
-    assert ops.kernels_enabled() in (True, False)
-    before = ops.kernels_enabled()
-    try:
-        ops.use_kernels(False)
-        assert not ops.kernels_enabled()
-        x, w = torch.randn(2, 8), torch.randn(8)
-        assert torch.equal(ops.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6))
-    finally:
-        ops.use_kernels(before)
+class CountingOps(Ops):
+    """PyTorch ops that count their calls, to see which object a module really uses."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.calls = {"rms_norm": 0, "apply_rotary": 0, "attention": 0}
+
+    def rms_norm(self, *args, **kwargs):
+        self.calls["rms_norm"] += 1
+        return super().rms_norm(*args, **kwargs)
+
+    def apply_rotary(self, *args, **kwargs):
+        self.calls["apply_rotary"] += 1
+        return super().apply_rotary(*args, **kwargs)
+
+    def attention(self, *args, **kwargs):
+        self.calls["attention"] += 1
+        return super().attention(*args, **kwargs)
+
+
+def _modules_with_ops(model):
+    return [m for m in model.modules() if isinstance(m, (RMSNorm, Attention))]
+
+
+def test_model_holds_the_given_ops_and_defaults_to_pytorch():
+    config = LlamaConfig(**BASE)
+    plain = Llama(config)
+    assert plain.ops is TORCH_OPS and all(m.ops is TORCH_OPS for m in _modules_with_ops(plain))
+    counting = CountingOps()
+    model = Llama(config, ops=counting)
+    assert len(_modules_with_ops(model)) == 2 * 3 + 1  # per layer 2 norms + attention; final norm
+    assert model.ops is counting and all(m.ops is counting for m in _modules_with_ops(model))
+    model.init_weights(seed=0)
+    plain.init_weights(seed=0)
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids), plain(ids))
+    assert counting.calls == {"rms_norm": 5, "apply_rotary": 2, "attention": 2}
+    with pytest.raises(TypeError, match="expected an engine.ops.Ops"):
+        model.set_ops("auto")
+
+
+def test_set_ops_reaches_the_norms_tensor_parallelism_put_in():
+    """A TP=1 parallel model: its norms are RMSNormEnteringTP (built without RMSNorm.__init__), which
+    compute with the class default until set_ops gives every module the model's object."""
+    config = LlamaConfig(**BASE)
+    model = build_parallel_llama(config, single_process_state(), seed=3)
+    entering = [m for m in model.modules() if isinstance(m, RMSNormEnteringTP)]
+    assert len(entering) == 2 * config.num_hidden_layers + 1
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        expected = model(ids)  # the class defaults: PyTorch
+    counting = CountingOps()
+    model.set_ops(counting)
+    assert all(m.ops is counting for m in entering)
+    assert all(m.ops is counting for m in _modules_with_ops(model))
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected)
+    assert counting.calls == {"rms_norm": 5, "apply_rotary": 2, "attention": 2}
+    model.set_ops(None)
+    assert all(m.ops is TORCH_OPS for m in _modules_with_ops(model))
 
 
 def _slice_linear(linear, dim, index, parts):
@@ -194,7 +252,7 @@ def test_meta_build_and_init_match_init_weights():
         assert torch.equal(eager(ids), lazy(ids))
 
     # The values depend on (seed, name) only: a pipeline stage holding layer 1 alone gets the same.
-    stage = Llama(config, layer_ids=[1], pre_process=False, post_process=True)
+    stage = Llama(config, layer_ids=[1], has_embedding=False, has_head=True)
     stage.init_weights(seed=7)
     full = dict(eager.named_parameters())
     for n, p in stage.named_parameters():
@@ -230,8 +288,8 @@ def test_pipeline_stages_compose_to_the_full_model():
         config = LlamaConfig(**kwargs)
         full = Llama(config)
         full.init_weights(seed=1)
-        first = Llama(config, layer_ids=[0], pre_process=True, post_process=False)
-        last = Llama(config, layer_ids=[1], pre_process=False, post_process=True)
+        first = Llama(config, layer_ids=[0], has_embedding=True, has_head=False)
+        last = Llama(config, layer_ids=[1], has_embedding=False, has_head=True)
         assert first.norm is None and first.lm_head is None
         assert (last.embed_tokens is not None) == config.tie_word_embeddings
         for stage in (first, last):
@@ -261,30 +319,43 @@ def test_activation_recomputation_gives_identical_loss_and_grads():
 
 @pytest.mark.triton
 @INTERPRETER_ONLY
-def test_dispatch_reaches_the_triton_kernels(monkeypatch):
-    """The kernel path of engine.ops (taken on CUDA) run here in the Triton interpreter: the kernels
-    are called with the ops' layout and arguments and agree with the PyTorch path."""
+def test_triton_mode_reaches_the_kernels(monkeypatch):
+    """Ops("triton") with its kernels allowed on CPU tensors (the Triton interpreter) calls the
+    kernels with the ops' layout and arguments, and they agree with PyTorch; a model holding it runs
+    every norm and attention through them."""
     kernels_attention = pytest.importorskip("kernels.attention")
     kernels_rmsnorm = pytest.importorskip("kernels.rmsnorm")
     calls = []
     for module, fn in ((kernels_attention, "flash_attention"), (kernels_rmsnorm, "rms_norm")):
         original = getattr(module, fn)
         monkeypatch.setattr(module, fn, lambda *a, _o=original, _n=fn, **k: calls.append(_n) or _o(*a, **k))
-    monkeypatch.setattr(ops, "_want_kernel", lambda *tensors: ops.kernels_enabled())
-    monkeypatch.setattr(ops, "_kernels_enabled", True)  # even under LTU_DISABLE_KERNELS=1
+    ops = Ops("triton", kernel_devices=("cpu",))
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 8, 4, 16, generator=gen).half()
     k, v = torch.randn(2, 1, 8, 2, 16, generator=gen).half().unbind(0)
     out = ops.attention(q, k, v, softmax_scale=0.3)
-    ref = ops.attention_reference(q.float(), k.float(), v.float(), softmax_scale=0.3)
+    ref = attention_reference(q.float(), k.float(), v.float(), softmax_scale=0.3)
     torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
     x, w = torch.randn(3, 32, generator=gen), torch.randn(32, generator=gen)
-    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), ops.rms_norm_reference(x, w, 1e-5))
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
     assert calls == ["flash_attention", "rms_norm"]
-    ops.use_kernels(False)  # monkeypatch restores the switch afterwards
-    ops.attention(q, k, v)
-    ops.rms_norm(x, w, 1e-5)
-    assert calls == ["flash_attention", "rms_norm"]
+
+    config = LlamaConfig(**dict(BASE, vocab_size=64))  # head_dim 16
+    model = Llama(config)
+    model.init_weights(seed=1)
+    ids = torch.randint(0, config.vocab_size, (1, 9), generator=gen)
+    with torch.no_grad():
+        expected = model(ids)
+        model.set_ops(ops)
+        calls.clear()
+        with pytest.warns(RuntimeWarning, match="attention inputs .*torch.float32.* outside"):
+            torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+        # fp32 attention is the exact PyTorch path; the norms take the kernel.
+        assert calls == ["rms_norm"] * 5
+        model.to(torch.float16)
+        calls.clear()
+        model(ids)
+        assert sorted(set(calls)) == ["flash_attention", "rms_norm"] and len(calls) == 7
 
 
 def test_training_after_inference_mode_evaluation():

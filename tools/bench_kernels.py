@@ -36,9 +36,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from engine.fileio import atomic_open  # noqa: E402
+from engine.fileio import atomic_open
+from engine.ops import rms_norm_reference
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # before any kernel module is imported: Triton picks the interpreter at decoration
@@ -162,7 +161,7 @@ def _time_pair(bench: Bench, forward, inputs: list[torch.Tensor], dy: torch.Tens
 # --------------------------------------------------------------------------------------- RMSNorm
 def rmsnorm_impls(bench: Bench) -> dict:
     """name -> factory(weight) returning (fn(x) -> y, extra differentiable params)."""
-    from kernels.rmsnorm import rms_norm, rms_norm_reference
+    from kernels.rmsnorm import rms_norm
 
     impls = {
         "triton": lambda w, eps: (lambda x: rms_norm(x, w, eps), [w]),
@@ -195,8 +194,6 @@ def rmsnorm_impls(bench: Bench) -> dict:
 
 
 def bench_rmsnorm(bench: Bench, shapes, dtype, copy_gbps: float) -> list[Row]:
-    from kernels.rmsnorm import rms_norm_reference
-
     impls = rmsnorm_impls(bench)
     name = str(dtype).replace("torch.", "")
     rows: list[Row] = []

@@ -6,7 +6,8 @@
 
 Step: forward on random token ids, the engine's single-process loss (``vocab_parallel_cross_entropy``,
 no group, mean over tokens), backward; no optimizer update. Median time with the Triton kernels off
-and on (``engine.ops.use_kernels``; "on" needs CUDA). tokens/s = batch * seq / step time;
+and on (the model holding ``Ops("torch")``, then ``Ops("triton")``; "on" needs CUDA, and prints the
+kernels' self-check verdicts on the device). tokens/s = batch * seq / step time;
     model FLOPs = 6 * P * tokens + 3 * layers * 4 * batch * heads * seq^2 * head_dim / 2
 P: parameters in matmuls (not the embedding lookup); causal attention, backward 2x forward.
 
@@ -40,21 +41,20 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout
+from engine.fileio import atomic_open
+from engine.model.config import LlamaConfig
+from engine.model.llama import Llama, RotaryEmbedding
+from engine.ops import Ops, apply_rotary, attention_reference, rms_norm_reference
+from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 
-from engine import ops  # noqa: E402
-from engine.fileio import atomic_open  # noqa: E402
-from engine.model.config import LlamaConfig  # noqa: E402
-from engine.model.llama import Llama, RotaryEmbedding  # noqa: E402
-from engine.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_bench_kernels():
     """tools/bench_kernels.py as a module: its Bench (timing), ceilings and attention FLOP count."""
     name = "ltu_bench_kernels"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "bench_kernels.py"))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, "bench_kernels.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # its dataclasses look the module up while it executes
         spec.loader.exec_module(module)
@@ -237,10 +237,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------- step
-def build_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Llama:
-    """The engine's Llama on ``device`` in ``dtype``: norms ones, other weights normal(0, init range)."""
+def build_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                ops: Ops | None = None) -> Llama:
+    """The engine's Llama on ``device`` in ``dtype`` computing with ``ops`` (None: PyTorch): norms
+    ones, other weights normal(0, init range)."""
     with torch.device("meta"):
-        model = Llama(config)
+        model = Llama(config, ops=ops)
     model.to_empty(device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -264,21 +266,16 @@ def training_step(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
 
 def bench_step(run: Run, config: LlamaConfig, kernels_on: bool) -> Result:
     d = StepDims.of(config, run.dims.batch, run.dims.seq)
-    model = build_model(config, run.device, run.dtype)
+    model = build_model(config, run.device, run.dtype, ops=Ops("triton" if kernels_on else "torch"))
     gen = torch.Generator(device="cpu").manual_seed(1)
     tokens = torch.randint(0, d.vocab, (d.batch, d.seq + 1), generator=gen).to(run.device)
-    was_enabled = ops.kernels_enabled()
-    ops.use_kernels(kernels_on)
     note = ""
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    try:
-        loss = training_step(model, tokens).item()
-        ms = run.bench.time_ms(lambda: training_step(model, tokens))
-        if run.device.type == "cuda":
-            note = f"peak {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB"
-    finally:
-        ops.use_kernels(was_enabled)
+    loss = training_step(model, tokens).item()
+    ms = run.bench.time_ms(lambda: training_step(model, tokens))
+    if run.device.type == "cuda":
+        note = f"peak {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB"
     flops = step_model_flops(model, d)
     label = "kernels on" if kernels_on else "kernels off"
     run.bench.say(f"step {label}, {d.layers} layer(s): {ms:.3f} ms, loss {loss:.5f}")
@@ -309,7 +306,7 @@ def make_op_case(op: str, d: StepDims, config: LlamaConfig, device: torch.device
     if op == "rope":
         cos, sin = RotaryEmbedding(config)(s, device, dtype)
         q, k = rand(b, s, d.heads, d.head_dim), rand(b, s, d.kv_heads, d.head_dim)
-        return OpCase([q, k], lambda q, k: ops.apply_rotary(q, k, cos, sin), [torch.randn_like(q), torch.randn_like(k)],
+        return OpCase([q, k], lambda q, k: apply_rotary(q, k, cos, sin), [torch.randn_like(q), torch.randn_like(k)],
                       f"q {b}x{s}x{d.heads}x{d.head_dim}, k {b}x{s}x{d.kv_heads}x{d.head_dim}")
     if op == "swiglu":
         gate, up = rand(t, d.intermediate), rand(t, d.intermediate)
@@ -322,11 +319,11 @@ def make_op_case(op: str, d: StepDims, config: LlamaConfig, device: torch.device
                       f"{t}x{d.vocab}")
     if op == "rmsnorm":
         x, w = rand(t, d.hidden), (1 + rand(d.hidden, grad=False, scale=0.1)).requires_grad_()
-        fn = impl or (lambda x, w: ops.rms_norm_reference(x, w, config.rms_norm_eps))
+        fn = impl or (lambda x, w: rms_norm_reference(x, w, config.rms_norm_eps))
         return OpCase([x, w], fn, [torch.randn_like(x)], f"{t}x{d.hidden}")
     if op == "attention":
         q, k, v = rand(b, s, d.heads, d.head_dim), rand(b, s, d.kv_heads, d.head_dim), rand(b, s, d.kv_heads, d.head_dim)
-        fn = impl or (lambda q, k, v: ops.attention_reference(q, k, v, causal=True))
+        fn = impl or (lambda q, k, v: attention_reference(q, k, v, causal=True))
         return OpCase([q, k, v], fn, [torch.randn_like(q)],
                       f"b{b} h{d.heads} kv{d.kv_heads} s{s} d{d.head_dim} causal")
     raise ValueError(f"unknown op {op!r}")
@@ -342,7 +339,8 @@ def time_op(run: Run, case: OpCase) -> float:
 
 
 def kernel_impl(op: str, config: LlamaConfig, dtype: torch.dtype) -> Callable | None:
-    """The engine's Triton kernel for ``op`` when it is importable and engine.ops would use it, else None."""
+    """The engine's Triton kernel for ``op`` when it is importable and Ops("triton") would use it
+    at this dtype, else None."""
     try:
         if op == "rmsnorm":
             from kernels.rmsnorm import rms_norm
@@ -514,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         found = {op: kernel_impl(op, config, dtype) is not None for op in REFERENCE_OPS}
         bench.say("Triton kernels importable: " + ", ".join(f"{op} {'yes' if ok else 'NO'}" for op, ok in found.items())
                   + "; attention runs its kernel in fp16/bf16 where kernels.attention.supports() accepts the shapes")
+        verdicts = Ops("auto").self_check(device, dtype if dtype != torch.float32 else torch.bfloat16)
+        bench.say("kernel self-check (what training under 'auto' would use): "
+                  + "; ".join(str(v) for v in verdicts.values()))
         steps.append(bench_step(run, config, kernels_on=True))
         off, on = steps
         bench.say(f"kernels on vs off: {off.ms / on.ms:.2f}x faster; loss differs by {abs(on.loss - off.loss):.2e}")

@@ -4,12 +4,9 @@
     python tools/demo.py [--workdir runs/demo] [--records 2000] [--obd-dir ../shared/data/obd/random/all]
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.demo import DemoConfig, run_data_demo  # noqa: E402
+from engine.demo import DemoConfig, run_data_demo
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,6 @@ import tempfile
 from dataclasses import dataclass
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real; the interpreter never compiles
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

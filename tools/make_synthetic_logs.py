@@ -5,12 +5,9 @@
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.data.synthetic import DEFAULT_DOMAINS, DOMAIN_REWARDS, SyntheticConfig, write_logs  # noqa: E402
+from engine.data.synthetic import DEFAULT_DOMAINS, DOMAIN_REWARDS, SyntheticConfig, write_logs
 
 
 def main(argv=None) -> int:

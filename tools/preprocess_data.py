@@ -7,14 +7,11 @@
         --tokenizer-model tokenizer.model --reward-bins data/sar_train.reward_bins.json
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.data.obd import ObdOptions  # noqa: E402
-from engine.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
-from engine.data.reward_bins import DEFAULT_NUM_BINS  # noqa: E402
+from engine.data.obd import ObdOptions
+from engine.data.preprocess import PreprocessConfig, preprocess
+from engine.data.reward_bins import DEFAULT_NUM_BINS
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.data.preprocess import train_tokenizer_on_logs  # noqa: E402
+from engine.data.preprocess import train_tokenizer_on_logs
 
 
 def main(argv=None) -> int:

@@ -10,8 +10,10 @@ keyed by their global index, so a pipeline stage that holds layers 8..15 still c
 Tensor parallelism replaces the nn.Linear / nn.Embedding modules with parallel versions whose local
 shapes differ (fewer heads per rank; with sequence parallelism a layer's input holds a slice of the
 sequence while q/k/v come back for the full sequence). So heads, batch and sequence length are read
-from the projections' outputs, never from the config or from the layer's input. The hot ops go
-through ``engine.ops`` (Triton on CUDA, PyTorch elsewhere). No collectives here.
+from the projections' outputs, never from the config or from the layer's input. The hot ops
+(RMSNorm, RoPE, attention) go through the :class:`engine.ops.Ops` object the modules hold, which
+chooses between the Triton kernels and PyTorch (``Llama(config, ops=Ops("auto"))``; without one,
+PyTorch). No collectives here.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from engine import ops
+from engine.ops import TORCH_OPS, Ops
 from engine.model.config import LlamaConfig
 
 
@@ -86,17 +88,23 @@ class RotaryEmbedding(nn.Module):
 
 # ----------------------------------------------------------------------------------- the blocks
 class RMSNorm(nn.Module):
+    # A class-level default, so that subclasses built without RMSNorm.__init__ (tensor parallelism's
+    # replacement norms) compute too; Llama.set_ops gives every instance the model's object.
+    ops: Ops = TORCH_OPS
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary embeddings."""
+
+    ops: Ops = TORCH_OPS  # see RMSNorm.ops
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -115,8 +123,8 @@ class Attention(nn.Module):
         k = k.view(b, s, -1, self.head_dim)
         v = v.view(b, s, -1, self.head_dim)
         cos, sin = self.rotary(s, q.device, q.dtype, position_ids)
-        q, k = ops.apply_rotary(q, k, cos, sin)
-        out = ops.attention(q, k, v, causal=True)
+        q, k = self.ops.apply_rotary(q, k, cos, sin)
+        out = self.ops.attention(q, k, v, causal=True)
         return self.o_proj(out.reshape(b, s, -1))
 
 
@@ -159,44 +167,58 @@ class Llama(nn.Module):
     """Llama as HF ``LlamaForCausalLM``: ``model(input_ids) -> logits``.
 
     A pipeline stage builds only part of it: ``layer_ids`` (global indices, default all),
-    ``pre_process`` (holds the embedding; input is token ids, else hidden states) and
-    ``post_process`` (holds the final norm and head; output is logits, else hidden states). With tied
-    embeddings a last stage without ``pre_process`` still holds ``embed_tokens`` for its head.
+    ``has_embedding`` (holds the embedding; input is token ids, else hidden states) and
+    ``has_head`` (holds the final norm and head; output is logits, else hidden states). With tied
+    embeddings a last stage without ``has_embedding`` still holds ``embed_tokens`` for its head.
 
+    ``ops`` computes RMSNorm, RoPE and attention (None: PyTorch, the exact reference). A model whose
+    modules are replaced afterwards (tensor parallelism) takes it again with :meth:`set_ops`.
     ``activation_checkpointing = True`` recomputes each layer's activations in the backward pass.
     """
 
     def __init__(self, config: LlamaConfig, layer_ids: Iterable[int] | None = None,
-                 pre_process: bool = True, post_process: bool = True):
+                 has_embedding: bool = True, has_head: bool = True, ops: Ops | None = None):
         super().__init__()
         self.config = config
-        self.pre_process, self.post_process = pre_process, post_process
+        self.has_embedding, self.has_head = has_embedding, has_head
         self.activation_checkpointing = False
         layer_ids = range(config.num_hidden_layers) if layer_ids is None else sorted(layer_ids)
         for i in layer_ids:
             if not 0 <= i < config.num_hidden_layers:
                 raise ValueError(f"layer index {i} outside 0..{config.num_hidden_layers - 1}")
-        holds_embedding = pre_process or (post_process and config.tie_word_embeddings)
+        holds_embedding = has_embedding or (has_head and config.tie_word_embeddings)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if holds_embedding else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layer_ids})
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if post_process else None
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if has_head else None
         self.lm_head = None
         self.tied_head = None
-        if post_process and config.tie_word_embeddings:
+        if has_head and config.tie_word_embeddings:
             self.tied_head = TiedHead()
-        elif post_process:
+        elif has_head:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.set_ops(ops)
+
+    def set_ops(self, ops: Ops | None) -> None:
+        """Point the model and every module computing a hot op at ``ops`` (None: PyTorch)."""
+        ops = TORCH_OPS if ops is None else ops
+        if not isinstance(ops, Ops):
+            raise TypeError(f"set_ops: expected an engine.ops.Ops (e.g. Ops('auto')) or None, "
+                            f"got {type(ops).__name__}")
+        self.ops = ops
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention)):
+                module.ops = ops
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [b, s] (or hidden states [b, s, hidden] on a later stage) -> logits [b, s, vocab]
         (or hidden states on an earlier stage). ``position_ids`` [b, s] or [s] default to 0..s-1."""
-        x = self.embed_tokens(input_ids) if self.pre_process else input_ids
+        x = self.embed_tokens(input_ids) if self.has_embedding else input_ids
         for layer in self.layers.values():
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, position_ids, use_reentrant=False)
             else:
                 x = layer(x, position_ids)
-        if not self.post_process:
+        if not self.has_head:
             return x
         x = self.norm(x)
         if self.tied_head is not None:
