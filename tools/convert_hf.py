@@ -8,12 +8,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from engine.convert.sharded import describe, export_hf, import_hf  # noqa: E402
+from engine.convert.sharded import describe, export_hf, import_hf
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ class RMSNormEnteringTP(RMSNorm):
 
     def __init__(self, norm: RMSNorm, group, sequence_parallel: bool):
         nn.Module.__init__(self)
-        self.weight, self.eps = norm.weight, norm.eps
+        self.weight, self.eps, self.ops = norm.weight, norm.eps, norm.ops
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,10 @@ import torch.distributed as dist
 
 from engine.config import RunConfig, config_to_dict, parse_data_spec
 from engine.data.batches import BatchLoader, build_dataset, read_vocab_size
-from engine.model.config import LlamaConfig
+from engine.model.config import LlamaConfig, config_differences
+from engine.model.hf import iter_hf_rank_shards
 from engine.model.llama import expected_shapes
+from engine.ops import CheckShapes, Ops
 from engine.parallel.state import ParallelState, init_parallel, validate_layout
 from engine.parallel.tensor_parallel import build_parallel_llama, sequence_parallel_names
 from engine.train import checkpoint as ckpt_io
@@ -123,7 +125,7 @@ def _world_size_from_env() -> int:
 
 
 def _check_resume(cfg: RunConfig, config: LlamaConfig, ckpt: ckpt_io.Checkpoint) -> None:
-    if diff := ckpt_io.config_differences(ckpt.config, config):
+    if diff := config_differences(ckpt.config, config):
         raise ValueError(f"checkpoint.load {ckpt.path}: a checkpoint of another model ({'; '.join(diff)})")
     saved = ckpt.extra.get("run")
     if not isinstance(saved, dict):
@@ -192,6 +194,13 @@ class Trainer:
                                           seed=None if (load or cfg.checkpoint.init) else t.seed,
                                           device=self.state.device, dtype=self.dtype)
         self.model.activation_checkpointing = t.recompute
+        self.ops, self.kernel_verdicts = Ops(t.kernels), None
+        if t.kernels != "torch" and self.state.device.type == "cuda":
+            # Each kernel proves itself on this device once, against PyTorch; under "auto" a failing
+            # one falls back to PyTorch (with a warning) instead of silently training a wrong model.
+            self.kernel_verdicts = self.ops.self_check(self.state.device, self.dtype if self.dtype != torch.float32
+                                                       else torch.bfloat16, shapes=CheckShapes.for_model(self.config))
+        self.model.set_ops(self.ops)
         self.chunks = [self.model]
         self.grads = GradBuffer(self.chunks, self.state, bucket_size=p.bucket_size,
                                 distributed_optimizer=p.distributed_optimizer, overlap=p.overlap_grad_reduce,
@@ -235,11 +244,10 @@ class Trainer:
     def _init_weights(self, path: str) -> None:
         s = self.state
         if _is_hf_dir(path):
-            from engine.convert.hf import iter_hf_rank_shards  # weights of a HF directory, this rank's shards
-            shards = dict(iter_hf_rank_shards(path, self.config, s.tp_size, s.tp_rank))
+            shards = dict(iter_hf_rank_shards(path, self.config, s.tp_size, s.tp_rank, s.pp_size, s.pp_rank))
         else:
             ckpt = ckpt_io.open_checkpoint(path)
-            if diff := ckpt_io.config_differences(ckpt.config, self.config):
+            if diff := config_differences(ckpt.config, self.config):
                 raise ValueError(f"checkpoint.init {path}: weights of another model ({'; '.join(diff)})")
             shards = ckpt_io.load_rank_shard(ckpt, s.tp_rank, s.pp_rank, s.tp_size, s.pp_size)
         self._copy_weights(shards, f"checkpoint.init {path}")
@@ -318,6 +326,10 @@ class Trainer:
         self.log(f"data: {len(self.train_data):,} training samples; {tokens:,} tokens per step "
                  f"({t.global_batch_size} x {cfg.data.seq_length}), {self.loader.num_microbatches} "
                  f"microbatch(es) of {t.micro_batch_size} per rank")
+        if self.kernel_verdicts is None:
+            self.log(f"kernels: {t.kernels} -> PyTorch ops on {s.device.type}")
+        else:
+            self.log(f"kernels: {t.kernels}: " + "; ".join(str(v) for v in self.kernel_verdicts.values()))
         self.log(f"writing: {cfg.checkpoint.save or 'nothing (checkpoint.save not set)'}")
 
     def run(self) -> dict:
