@@ -78,8 +78,8 @@ def reference_losses(steps=STEPS):
     return losses, norms
 
 
-def engine_losses(state, *, micro=1, sp=False, zero=False, bucket_size=2000, steps=STEPS):
-    model = build_parallel_llama(_config(), state, sequence_parallel=sp, seed=SEED)
+def engine_losses(state, *, micro=1, sp=False, zero=False, bucket_size=2000, steps=STEPS, dtype=torch.float32):
+    model = build_parallel_llama(_config(), state, sequence_parallel=sp, seed=SEED, dtype=dtype)
     buffer = GradBuffer([model], state, bucket_size=bucket_size, distributed_optimizer=zero,
                         sequence_parallel_names=sequence_parallel_names(model))
     opt = MixedPrecisionAdamW(buffer, ADAM, use_apex=False)
@@ -145,3 +145,23 @@ def test_tp_dp_layouts_give_the_reference_curve(reference):
     for rank, by_layout in enumerate(results):
         for name, got in by_layout.items():
             _assert_same_curve(f"rank {rank} {name}", got, reference)
+
+
+def test_bf16_mixed_precision_keeps_fp32_masters_and_follows_the_curve(reference):
+    """bf16 weights and activations, fp32 masters and gradients: the curve stays within bf16 noise of
+    the fp32 reference, and the masters hold what bf16 weights cannot (they are not the weights)."""
+    state = single_process_state()
+    model = build_parallel_llama(_config(), state, seed=SEED, dtype=torch.bfloat16)
+    buffer = GradBuffer([model], state, bucket_size=2000)
+    assert buffer.params.dtype == torch.bfloat16 and buffer.grads.dtype == torch.float32
+    opt = MixedPrecisionAdamW(buffer, ADAM, use_apex=False)
+    losses = []
+    for step in range(STEPS):
+        result = train_step([model], _microbatches(step, 2, 1, 0), buffer, opt, state, lr=LR, clip_grad=CLIP)
+        losses.append(result.loss)
+    worst = max(abs(a - b) / b for a, b in zip(losses, reference[0]))
+    assert worst < 0.03, f"bf16 curve {losses} strays from the fp32 reference {reference[0]}"
+    assert opt.master.dtype == torch.float32
+    assert not torch.equal(opt.master, opt.master.to(torch.bfloat16).float()), "masters hold only bf16 values"
+    for (_, start, end), master in zip(opt.pieces, opt.master_views):  # weights = masters rounded
+        assert torch.equal(buffer.params[start:end], master.to(torch.bfloat16))
