@@ -35,7 +35,8 @@ class StepResult:
 
 
 def global_loss_tokens(microbatches: list[dict], state: ParallelState, device) -> int:
-    """Loss tokens of the whole global batch: this rank's microbatches summed over DP."""
+    """Loss tokens of the whole global batch: this rank's microbatches summed over DP. Counted on the
+    host copies of the masks (before they move to the GPU), so no device sync per microbatch."""
     local = sum(float(mb["loss_mask"].sum()) for mb in microbatches)
     count = torch.tensor([local], dtype=torch.float64, device=device)
     if group_size(state.dp_group) > 1:
@@ -73,8 +74,8 @@ def train_step(chunks: list[nn.Module], microbatches: list[dict], grads: GradBuf
                virtual_stages: int = 1) -> StepResult:
     """Forward, backward and update over one global batch (this rank's ``microbatches``)."""
     device = grads.grads.device
-    microbatches = _to_device(microbatches, device)
     tokens = global_loss_tokens(microbatches, state, device)
+    microbatches = _to_device(microbatches, device)
     loss_fn = make_loss_fn(chunks[-1], state, tokens)
     losses = forward_backward(chunks, microbatches, loss_fn, state=state, grads=grads,
                               virtual_stages=virtual_stages)
@@ -92,8 +93,8 @@ def train_step(chunks: list[nn.Module], microbatches: list[dict], grads: GradBuf
 def evaluate_loss(chunks: list[nn.Module], microbatches: list[dict], state: ParallelState,
                   device, virtual_stages: int = 1) -> tuple[float, int]:
     """(mean loss per loss token, loss tokens) of a global batch, forward only."""
-    microbatches = _to_device(microbatches, device)
     tokens = global_loss_tokens(microbatches, state, device)
+    microbatches = _to_device(microbatches, device)
     loss_fn = make_loss_fn(chunks[-1], state, tokens)
     losses = forward_backward(chunks, microbatches, loss_fn, state=state, grads=None, forward_only=True,
                               virtual_stages=virtual_stages)
