@@ -10,15 +10,22 @@ Exit status: 0 when the run finished, 1 when it failed (the message names why), 
 """
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     from engine.config import parse_run_config
-    from engine.train.loop import train
 
-    cfg = parse_run_config(argv, prog="pretrain.py")
+    try:
+        cfg = parse_run_config(argv, prog="pretrain.py")
+    except (ValueError, OSError) as e:  # the --config file is missing or names a bad field: a bad command line
+        print(f"pretrain.py: error: {e}", file=sys.stderr)
+        return 2
+    # torch comes after the command line is read, so a bad one (and --help) answers at once.
     import torch.distributed as dist
+
+    from engine.train.loop import train
 
     try:
         train(cfg)
@@ -26,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print("pretrain.py: interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        # Set-up checks run before the process group exists: the launcher's RANK names the process.
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "0")
         print(f"pretrain.py: error (rank {rank}): {e}", file=sys.stderr)
         return 1
     finally:
