@@ -446,6 +446,14 @@ def test_interrupted_save_never_looks_complete(saved, monkeypatch, killed):
     assert all(torch.equal(v, new[n]) for n, v in ck.load_full_tensors(root).items())
 
 
+def test_next_save_removes_leftovers_of_other_iterations(saved):
+    """A crashed save of an iteration the resumed run never saves again must not stay forever."""
+    root, config, full = saved
+    (root / "iter_0000003.saving" / "mp_rank_00_000").mkdir(parents=True)
+    ck.save_checkpoint(root, 7, config, 2, 2, ref_rank_states(config, full, 2, 2))
+    assert not list(root.glob("*.saving")) and (root / "latest").read_text() == "7\n"
+
+
 def test_crash_before_latest_keeps_previous_checkpoint_current(saved, monkeypatch):
     root, config, full = saved
 

@@ -140,10 +140,11 @@ class CheckpointWriter:
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp)
 
     def prepare(self) -> None:
-        """Create an empty ``iter_N.saving`` (a leftover of a crashed save is discarded)."""
+        """Create an empty ``iter_N.saving``. Leftovers of crashed saves (``iter_*.saving`` of any
+        iteration: one run writes a checkpoint root at a time) are discarded."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
+        for leftover in self.root.glob("iter_*.saving"):
+            shutil.rmtree(leftover, ignore_errors=True)
         self.tmp_dir.mkdir()
 
     def abort(self) -> None:
