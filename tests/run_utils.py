@@ -14,6 +14,10 @@ Subprocesses run on CPU with gloo (``CUDA_VISIBLE_DEVICES`` empty), one thread p
 process group of their own: on timeout the whole group (torchrun and every rank) is killed and
 ``TimeoutError`` is raised with what the run printed, so no process outlives a test.
 ``start_pretrain`` / ``finish`` split the same call for runs that must overlap (two "nodes").
+
+In-process runs (one process, or each rank of ``dist_utils.run_distributed``) go through
+``train_in_process(cfg, stop_after=k)``: the run stops as if killed once k steps are done, before
+step k + 1 (only what it saved and logged by then remains); the :class:`Trainer` is returned.
 """
 from __future__ import annotations
 
@@ -134,6 +138,58 @@ def run_config(cfg: dict):
     return config_from_dict(copy.deepcopy(cfg), source="test config")
 
 
+# --------------------------------------------------------------------------------- in process
+class RunStopped(Exception):
+    """Raised inside a run by :func:`run_trainer` to stop it as if the job had been killed."""
+
+
+def make_trainer(cfg: dict, log=None):
+    """An :class:`engine.train.loop.Trainer` of a nested config dict; its log lines go to
+    ``trainer.lines`` (and to ``log`` when given)."""
+    from engine.train.loop import Trainer
+
+    lines: list[str] = []
+
+    def record(text: str) -> None:
+        lines.append(text)
+        if log is not None:
+            log(text)
+
+    trainer = Trainer(run_config(cfg), log=record)
+    trainer.lines = lines
+    return trainer
+
+
+def run_trainer(trainer, stop_after: int | None = None) -> dict | None:
+    """Run ``trainer``; with ``stop_after`` k, stop it just before step k + 1 (nothing of that step
+    happens). Returns the run's summary, or None when stopped."""
+    import engine.train.loop as loop
+
+    original = loop.train_step
+
+    def step(*args, **kwargs):
+        if stop_after is not None and trainer.run_state.iteration >= stop_after:
+            raise RunStopped(f"stopped after iteration {trainer.run_state.iteration}")
+        return original(*args, **kwargs)
+
+    loop.train_step = step
+    try:
+        return trainer.run()
+    except RunStopped:
+        if trainer.metrics is not None:
+            trainer.metrics.close()  # what a killed run leaves: the lines flushed so far
+        return None
+    finally:
+        loop.train_step = original
+
+
+def train_in_process(cfg: dict, stop_after: int | None = None, log=None):
+    """:func:`make_trainer` then :func:`run_trainer`; returns the trainer."""
+    trainer = make_trainer(cfg, log)
+    run_trainer(trainer, stop_after)
+    return trainer
+
+
 # ---------------------------------------------------------------------------------- subprocesses
 def pretrain_env(env: dict | None = None) -> dict:
     """The environment of a test run: CPU only, one thread, unbuffered output, plus ``env``."""
@@ -148,12 +204,19 @@ def pretrain_env(env: dict | None = None) -> dict:
 
 def start_pretrain(args: list[str], nproc: int = 1, env: dict | None = None, *, nnodes: int = 1,
                    node_rank: int = 0, rdzv_endpoint: str | None = None, script: str | os.PathLike = PRETRAIN,
-                   cwd: str | os.PathLike = REPO) -> subprocess.Popen:
+                   cwd: str | os.PathLike = REPO, torchrun: bool = True) -> subprocess.Popen:
     """Launch ``torchrun --nproc_per_node nproc <script> args`` in a new process group; text pipes.
 
     One node (default): a free port on 127.0.0.1. Several (``nnodes`` > 1): c10d rendezvous at
     ``rdzv_endpoint`` ("127.0.0.1:PORT", the same for every node), this process being ``node_rank``.
+    ``torchrun=False``: ``python <script> args``, one process without a launcher (its stderr is
+    the script's own, without torchrun's failure report).
     """
+    if not torchrun:
+        if nproc != 1 or nnodes != 1:
+            raise ValueError("start_pretrain: without torchrun the run is one process (nproc 1, nnodes 1)")
+        return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=str(cwd), env=pretrain_env(env),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes == 1:
         command += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
@@ -199,10 +262,10 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.Completed
 
 def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 120, env: dict | None = None, *,
                  nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
-                 script: str | os.PathLike = PRETRAIN) -> subprocess.CompletedProcess:
+                 script: str | os.PathLike = PRETRAIN, torchrun: bool = True) -> subprocess.CompletedProcess:
     """:func:`start_pretrain` then :func:`finish`: the completed run (returncode, stdout, stderr)."""
     return finish(start_pretrain(args, nproc, env, nnodes=nnodes, node_rank=node_rank,
-                                 rdzv_endpoint=rdzv_endpoint, script=script), timeout)
+                                 rdzv_endpoint=rdzv_endpoint, script=script, torchrun=torchrun), timeout)
 
 
 # --------------------------------------------------------------------------------------- metrics

@@ -208,6 +208,7 @@ class Trainer:
         self.optimizer = MixedPrecisionAdamW(self.grads, AdamWConfig(
             lr=t.lr, weight_decay=t.weight_decay, beta1=t.adam_beta1, beta2=t.adam_beta2, eps=t.adam_eps))
         self.run_state = RunState()
+        self.last_checkpoint: str | None = None  # newest checkpoint of this run: saved, or resumed from
         self.loader = BatchLoader(self.train_data, t.global_batch_size, t.micro_batch_size, self.state.dp_rank,
                                   self.dp, self.config.vocab_size)
         if load is not None:
@@ -266,6 +267,7 @@ class Trainer:
         self.loader.load_state_dict({"consumed_samples": self.run_state.consumed_samples})
         meta = ckpt.meta(s.tp_rank if s.tp_size == ckpt.tp else 0, 0)
         set_rng_state(meta["rng"])
+        self.last_checkpoint = str(ckpt.path)
         self.log(f"resumed from {ckpt.path} at iteration {ckpt.iteration} "
                  f"({self.run_state.consumed_samples} samples consumed; saved with layout {ckpt.layout})")
 
@@ -294,6 +296,7 @@ class Trainer:
                 state_dict, meta={"rng": rng_state()}, optimizer_tensors=tensors,
                 optimizer_state=self.optimizer.state_meta(), layout=layout, extra=extra,
                 dp_rank=s.dp_rank, group=group)
+        self.last_checkpoint = str(path)
         self.log(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------------------ the loop
@@ -337,7 +340,6 @@ class Trainer:
         self.describe()
         tokens_per_step = t.global_batch_size * cfg.data.seq_length
         start_time, interval_time, interval_steps = time.perf_counter(), 0.0, 0
-        saved_at = None
         while rs.iteration < t.iters:
             try:
                 microbatches = self.loader.next_step()
@@ -357,14 +359,10 @@ class Trainer:
                 rs.skipped_in_a_row += 1
                 self.log(f"iteration {rs.iteration}: skipped the update: loss {result.loss}, "
                          f"grad norm {result.grad_norm} (non-finite)")
-                if rs.skipped_in_a_row >= t.max_skipped_steps:
-                    raise TrainingError(
-                        f"iteration {rs.iteration}: {rs.skipped_in_a_row} consecutive steps with NaN/Inf loss "
-                        f"or gradients (train.max_skipped_steps {t.max_skipped_steps}); stopping. The last "
-                        f"good checkpoint is {saved_at or 'none (nothing saved yet)'}")
             else:
                 rs.skipped_in_a_row = 0
-            if rs.iteration % t.log_interval == 0 or rs.iteration == t.iters:
+            stop = rs.skipped_in_a_row >= t.max_skipped_steps
+            if stop or rs.iteration % t.log_interval == 0 or rs.iteration == t.iters:
                 perf = StepMetrics(interval_time / interval_steps, tokens_per_step, self.state.world_size,
                                    self.flops_per_token, self.peak)
                 mem, label = memory_gib(self.state.device)
@@ -375,13 +373,19 @@ class Trainer:
                 self._write(record)
                 rs.history.append(record)
                 interval_time, interval_steps = 0.0, 0
+            if stop:  # the step that stops the run is in the log and metrics.jsonl like any other
+                if self.metrics is not None:
+                    self.metrics.close()
+                raise TrainingError(
+                    f"iteration {rs.iteration}: {rs.skipped_in_a_row} consecutive steps with NaN/Inf loss "
+                    f"or gradients (train.max_skipped_steps {t.max_skipped_steps}); stopping. The last "
+                    f"checkpoint is {self.last_checkpoint or 'none (nothing saved yet)'}")
             if self.valid_data is not None and rs.iteration % t.eval_interval == 0:
                 rs.last_valid_loss = self._evaluate()
                 self._write({"iteration": rs.iteration, "valid_loss": rs.last_valid_loss})
             if cfg.checkpoint.save and ((cfg.checkpoint.interval and rs.iteration % cfg.checkpoint.interval == 0)
                                         or rs.iteration == t.iters):
                 self.save()
-                saved_at = rs.iteration
         return self._finish(time.perf_counter() - start_time)
 
     def _finish(self, elapsed: float) -> dict:
