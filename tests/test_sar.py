@@ -153,3 +153,17 @@ def test_unbinnable_reward_names_the_field():
         {"state": {}, "action": {}, "reward": {"dwell": 3}}]}), WHERE)
     with pytest.raises(RecordError, match=r"logs/train.jsonl:7: field 'steps\[1\].reward.dwell': no reward bins"):
         serialize_text(record, classify_click_cost)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_json_error_column_is_on_the_line_itself(ending):
+    # A record line as read from a file, its closing '}' missing: the parser stops where the '}'
+    # belongs, column 84 (one past the 83 characters), not at column 1 of the next line.
+    line = '{"domain":"ads","state":{"query":"shoes"},"action":{"bid":0.5},"reward":{"click":1}'
+    assert len(line) == 83
+    with pytest.raises(RecordError) as info:
+        parse_json_line(line + ending, WHERE)
+    assert str(info.value) == f"{WHERE}: invalid JSON: Expecting ',' delimiter at column 84"
+    # An error inside the line keeps its own column (the stray ':' is character 11).
+    with pytest.raises(RecordError, match=r"column 11\Z"):
+        parse_json_line('{"domain":: "ads"}' + ending, WHERE)

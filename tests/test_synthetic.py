@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import runpy
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from engine.data.reward_bins import FieldBins, RewardBins, fit_field
 from engine.data.sar import parse_json_line, parse_record
 from engine.data.synthetic import (DOMAIN_REWARDS, SyntheticConfig, bayes_ceiling, class_probabilities,
                                    expected_auc, generate, roc_auc, write_logs)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def per_step(records, field):
@@ -180,3 +183,69 @@ def test_write_logs_layout_manifest_and_ood(tmp_path):
     assert "feed/session" in write_logs(with_sessions, str(tmp_path / "c"))["in_domain"]
     assert not [p for p in os.listdir(tmp_path / "a" / "train") if "tmp" in p]
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]["seed"] == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train_per_domain": 0}, "train_per_domain must be at least 1"),
+    ({"valid_per_domain": -1}, "valid_per_domain must be a non-negative integer"),
+    ({"test_per_domain": 2.5}, "test_per_domain must be a non-negative integer"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"domains": ("shop/purchase",)}, "no in-domain domain"),
+    ({"domains": ("ads/ctr", "nope")}, "unknown synthetic domain 'nope'"),
+])
+def test_config_refuses_bad_values_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticConfig(**overrides)
+
+
+def test_too_small_training_split_is_a_named_error(tmp_path):
+    # One training record per domain: its impressions count is 0 or 1, so the bins come out binary
+    # and cannot classify larger counts of the other splits.
+    with pytest.raises(ValueError, match=r"ads/impressions: the reward bins fitted on its 1 training records "
+                                         r"cannot classify its valid records .*write more training records"):
+        write_logs(SyntheticConfig(seed=0, train_per_domain=1, valid_per_domain=50, test_per_domain=0),
+                   str(tmp_path))
+
+
+def make_synthetic_logs():
+    return runpy.run_path(os.path.join(ROOT, "tools", "make_synthetic_logs.py"), run_name="make_synthetic_logs")
+
+
+def test_tool_prints_a_short_summary_with_counts_and_the_manifest(tmp_path, capsys):
+    out_dir = str(tmp_path / "logs")
+    assert make_synthetic_logs()["main"](["--output-dir", out_dir, "--train", "20", "--valid", "3",
+                                          "--test", "0", "--seed", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 8
+    assert lines[0] == f"wrote synthetic SAR logs to {out_dir} (seed 4): {out_dir}/<split>/<domain>.jsonl"
+    assert lines[1].split() == ["records", "train", "valid", "test"]
+    manifest = json.loads((tmp_path / "logs" / "manifest.json").read_text())
+    rows = {" ".join(line.split()[:-3]): line.split()[-3:] for line in lines[2:-1]}
+    assert rows == {"ads/ctr": ["20", "3", "0"], "ads/cpc": ["20", "3", "0"], "ads/impressions": ["20", "3", "0"],
+                    "shop/purchase (out-of-domain)": ["20", "3", "0"]}
+    for domain, rel in manifest["files"]["valid"].items():  # the counts printed are the lines written
+        assert len((tmp_path / "logs" / rel).read_text().splitlines()) == 3
+    assert lines[-1].endswith(os.path.join(out_dir, "manifest.json")) and "Bayes ceilings" in lines[-1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train", "0"], "argument --train: must be at least 1, got 0"),
+    (["--valid", "-2"], "argument --valid: must be at least 0, got -2"),
+    (["--test", "many"], "argument --test: expected an integer, got 'many'"),
+    (["--ood-domains", "ads/ctr", "ads/cpc", "ads/impressions", "shop/purchase"], "no in-domain domain"),
+    (["--ood-domains", "nope"], "argument --ood-domains: invalid choice: 'nope'"),
+])
+def test_tool_bad_arguments_are_usage_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        make_synthetic_logs()["main"](["--output-dir", str(tmp_path)] + argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"make_synthetic_logs.py: error: {message}" in err and "Traceback" not in err
+
+
+def test_tool_failed_work_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert make_synthetic_logs()["main"](["--output-dir", str(tmp_path / "file" / "logs"), "--train", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"make_synthetic_logs.py: error: cannot write {tmp_path / 'file' / 'logs'}: ")
+    assert err.count("\n") == 1

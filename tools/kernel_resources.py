@@ -136,12 +136,25 @@ def resources(compiled) -> Resources:
                      tma_copies=ptx.count("cp.async.bulk.tensor"))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after each option's help, except for flags and options without one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sm", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    parser.add_argument("--sm", type=int, default=90,
+                        help="target compute capability x 10: 90 for H100/H200 (Hopper tiles), 80 for A100; "
+                        "any other value compiles the Ampere tiles for that target")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="element type of the tensors the kernels are built for")
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="attention head sizes to build")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS),
+                        help="which attention kernels to build")
     parser.add_argument("--group", type=int, default=4, help="query heads per kv head")
     parser.add_argument("--defaults", action="store_true", help="only the untuned default tiles")
     parser.add_argument("--rmsnorm", nargs="+", metavar="ROWSxHIDDEN",

@@ -1,33 +1,72 @@
 #!/usr/bin/env python
 """Train a SentencePiece tokenizer on SAR logs; markers and reward labels become single tokens.
 
-    python tools/train_tokenizer.py --input logs/train --model-prefix data/tokenizer --vocab-size 8000
+    python tools/train_tokenizer.py --input runs/sar/logs/train --model-prefix runs/sar/data/tokenizer --vocab-size 8000
 """
 import argparse
 import os
+import re
 import sys
 
 from engine.data.preprocess import train_tokenizer_on_logs
 
+PROG = os.path.basename(__file__)
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (not where there is none); the description kept as written."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories (.jsonl, OBD log .csv)")
     p.add_argument("--model-prefix", required=True, help="writes <prefix>.model")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--no-byte-fallback", action="store_true")
-    p.add_argument("--max-records", type=int, default=200_000, help="train on at most this many records")
-    p.add_argument("--skip-bad-lines", action="store_true")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = p.parse_args(argv)
+    p.add_argument("--vocab-size", type=_at_least(1), default=8000,
+                   help="an upper bound: small logs give fewer pieces")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm")
+    p.add_argument("--no-byte-fallback", action="store_true",
+                   help="characters outside the vocabulary become <unk> instead of byte tokens")
+    p.add_argument("--max-records", type=_at_least(1), default=200_000,
+                   help="train on at most this many records, taken from the input files in turn")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
+    p.add_argument("--threads", type=_at_least(1), default=os.cpu_count() or 1, help="SentencePiece threads")
+    return p
+
+
+def _sentencepiece_reason(exc: RuntimeError) -> str:
+    """SentencePiece's message without its source location (``INTERNAL: file.cc(638) [check] ``)."""
+    return re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", str(exc).strip())
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         tok, used = train_tokenizer_on_logs(
             args.input, args.model_prefix + ".model", vocab_size=args.vocab_size, model_type=args.model_type,
             byte_fallback=not args.no_byte_fallback, max_records=args.max_records,
             skip_bad_lines=args.skip_bad_lines, num_threads=args.threads)
-    except (ValueError, FileNotFoundError) as exc:  # PreprocessError, RecordError
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # PreprocessError, RecordError, missing inputs, unwritable output
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # SentencePiece refused the training (e.g. a vocabulary too small)
+        print(f"{PROG}: error: SentencePiece: {_sentencepiece_reason(exc)}", file=sys.stderr)
         return 1
     print(f"wrote {tok.model_path}: vocab {tok.vocab_size}, trained on {used} records")
     return 0

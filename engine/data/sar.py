@@ -99,6 +99,9 @@ def _reject_duplicates(pairs):
 
 def parse_json_line(line: str, where: str) -> SARRecord:
     """Parse and validate one JSON Lines record; ``where`` is ``file:line`` for error messages."""
+    # Without its line ending, an error at the end of the line (a missing '}') is reported on this
+    # line, at its column, instead of at column 1 of the line after it.
+    line = line.rstrip("\r\n")
     try:
         # NaN/Infinity literals parse to floats so validation can name the field that holds them.
         obj = json.loads(line, object_pairs_hook=_reject_duplicates, parse_constant=float)

@@ -62,6 +62,23 @@ class SyntheticConfig:
         for d in self.domains + self.ood_domains:
             if d not in DOMAIN_REWARDS:
                 raise ValueError(f"unknown synthetic domain {d!r} (known: {', '.join(DOMAIN_REWARDS)})")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for split in SPLITS:
+            count = self.count(split)
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"{split}_per_domain must be a non-negative integer, got {count!r}")
+        if self.train_per_domain < 1:  # reward bins and Bayes ceilings are fitted on the training split
+            raise ValueError(f"train_per_domain must be at least 1, got {self.train_per_domain}")
+        if not self.in_domain:
+            raise ValueError("no in-domain domain: every domain of "
+                             f"{', '.join(self.domains) or '(none)'} is listed as out-of-domain")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be at least 1, got {self.latent_dim}")
+
+    @property
+    def in_domain(self) -> list[str]:
+        return [d for d in self.domains if d not in self.ood_domains]
 
     def count(self, split: str) -> int:
         return {"train": self.train_per_domain, "valid": self.valid_per_domain, "test": self.test_per_domain}[split]
@@ -191,7 +208,7 @@ def write_logs(config: SyntheticConfig, out_dir: str) -> dict:
                 for record in generate(config, domain, split):
                     fh.write(json.dumps(record, separators=(",", ":")) + "\n")
             files.setdefault(split, {})[domain] = os.path.relpath(path, out_dir)
-    manifest = {"config": asdict(config), "in_domain": [d for d in config.domains if d not in config.ood_domains],
+    manifest = {"config": asdict(config), "in_domain": config.in_domain,
                 "out_of_domain": list(config.ood_domains), "files": files,
                 "reward_fields": {d: DOMAIN_REWARDS[d][0] for d in all_domains}}
     # Ceilings with bins fitted per domain on its training split, as preprocessing fits them.
@@ -199,10 +216,33 @@ def write_logs(config: SyntheticConfig, out_dir: str) -> dict:
     for domain in all_domains:
         bins = RewardBins.fit_records(parse_record(r) for r in generate(config, domain, "train"))
         for split in ("valid", "test"):
-            for (_, name), c in bayes_ceiling(generate(config, domain, split), bins).items():
+            try:
+                ceilings = bayes_ceiling(generate(config, domain, split), bins)
+            except ValueError as exc:  # e.g. counts that were all 0 or 1 in a tiny training split
+                raise ValueError(f"{domain}: the reward bins fitted on its {config.train_per_domain} training "
+                                 f"records cannot classify its {split} records ({exc}); write more training "
+                                 "records per domain") from None
+            for (_, name), c in ceilings.items():
                 manifest["bayes_ceiling"].setdefault(split, {})[f"{domain}/{name}"] = asdict(c)
     write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
     return manifest
+
+
+def format_logs_summary(manifest: dict, out_dir: str) -> str:
+    """A few lines for a person: records per split and domain, which are held out, where the manifest is."""
+    config = manifest["config"]
+    counts = {split: config[f"{split}_per_domain"] for split in SPLITS}
+    domains = list(manifest["reward_fields"])
+    width = max(len(d) for d in domains) + len(" (out-of-domain)")
+    lines = [f"wrote synthetic SAR logs to {out_dir} (seed {config['seed']}): "
+             f"{out_dir}/<split>/<domain>.jsonl",
+             f"  {'records':{width}} " + " ".join(f"{split:>7}" for split in SPLITS)]
+    for domain in domains:
+        name = domain + (" (out-of-domain)" if domain in manifest["out_of_domain"] else "")
+        lines.append(f"  {name:{width}} " + " ".join(f"{counts[split]:7d}" for split in SPLITS))
+    lines.append(f"manifest (files, reward fields, Bayes ceilings per domain and split): "
+                 f"{os.path.join(out_dir, 'manifest.json')}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- exact class probabilities
