@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
-from run_utils import make_trainer, tiny_data, tiny_run_config, train_in_process, training_records, with_updates  # noqa: F401
+from run_utils import (make_trainer, tiny_data, tiny_run_config, train_in_process, training_records,  # noqa: F401
+                       with_updates)
 
 GLOBAL_BATCH = 4
 
@@ -168,7 +169,8 @@ def test_sft_update_over_4_microbatches_equals_one_microbatch_of_4_and_adamw_by_
              "clip_grad": 0.0, "weight_decay": 0.0}
     updates = {}
     for mbs in (1, GLOBAL_BATCH):
-        trainer = make_trainer(sft_config(tiny_data, str(tmp_path / f"mbs{mbs}"), train={**train, "micro_batch_size": mbs}))
+        cfg = sft_config(tiny_data, str(tmp_path / f"mbs{mbs}"), train={**train, "micro_batch_size": mbs})
+        trainer = make_trainer(cfg)
         assert trainer.loader.num_microbatches == GLOBAL_BATCH // mbs
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.run()
