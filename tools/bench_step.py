@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn.functional as F
 
+from engine.cli import int_at_least
 from engine.fileio import atomic_open
 from engine.model.config import LlamaConfig
 from engine.model.llama import Llama, RotaryEmbedding
@@ -443,26 +444,16 @@ def write_outputs(out: str, results: list[Result], header: list[str], table: str
 
 
 # ---------------------------------------------------------------------------------------- main
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, help=f"model shape: {', '.join(PRESETS)}")
-    p.add_argument("--batch", type=_int_at_least(1), help="sequences per step (default: the preset's)")
-    p.add_argument("--seq", type=_int_at_least(1), help="tokens per sequence (default: the preset's)")
+    p.add_argument("--batch", type=int_at_least(1), help="sequences per step (default: the preset's)")
+    p.add_argument("--seq", type=int_at_least(1), help="tokens per sequence (default: the preset's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="parameters and activations (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--steps", type=_int_at_least(1), help="timed repetitions, median reported (default 10 CUDA, 3 CPU)")
-    p.add_argument("--warmup", type=_int_at_least(0), help="untimed calls first (default 3 CUDA, 1 CPU)")
+    p.add_argument("--steps", type=int_at_least(1), help="timed repetitions, median reported (default 10 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int_at_least(0), help="untimed calls first (default 3 CUDA, 1 CPU)")
     p.add_argument("--out", required=True, help="directory for results.csv and table.txt")
     args = p.parse_args(argv)
     if args.preset not in PRESETS:

@@ -11,39 +11,19 @@ import os
 import sys
 
 from engine.demo import DemoConfig, run_data_demo
+from engine.cli import HelpFormatter, int_at_least
 
 PROG = os.path.basename(__file__)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option's help (not where there is none); the description kept as written."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="folder for everything the demo writes")
-    p.add_argument("--records", type=_at_least(1), default=2000,
+    p.add_argument("--records", type=int_at_least(1), default=2000,
                    help="training records per synthetic domain (validation and test: 1/8 of it)")
-    p.add_argument("--workers", type=_at_least(1), default=2, help="preprocessing worker processes")
-    p.add_argument("--seq-length", type=_at_least(1), default=256, help="tokens per CT training sample")
-    p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the logs and the sample shuffle")
+    p.add_argument("--workers", type=int_at_least(1), default=2, help="preprocessing worker processes")
+    p.add_argument("--seq-length", type=int_at_least(1), default=256, help="tokens per CT training sample")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the logs and the sample shuffle")
     p.add_argument("--obd-dir", default=None, help="an Open Bandit Dataset folder to preprocess as well")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are shown only when stderr is a terminal)")

@@ -33,6 +33,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from engine.cli import HelpFormatter  # noqa: E402
 import kernels.attention as A  # noqa: E402
 import kernels.attention_tiles as T  # noqa: E402
 import kernels.rmsnorm as R  # noqa: E402
@@ -136,17 +137,8 @@ def resources(compiled) -> Resources:
                      tma_copies=ptx.count("cp.async.bulk.tensor"))
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown after each option's help, except for flags and options without one."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--sm", type=int, default=90,
                         help="target compute capability x 10: 90 for H100/H200 (Hopper tiles), 80 for A100; "
                         "any other value compiles the Ampere tiles for that target")

@@ -12,38 +12,18 @@ import os
 import sys
 
 from engine.data.synthetic import DEFAULT_DOMAINS, DOMAIN_REWARDS, SyntheticConfig, format_logs_summary, write_logs
+from engine.cli import HelpFormatter, int_at_least
 
 PROG = os.path.basename(__file__)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option's help (not for required options); the description kept as written."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output-dir", required=True, help="folder for <split>/<domain>.jsonl and manifest.json")
-    p.add_argument("--seed", type=_count(0), default=0, help="every record is a deterministic function of it")
-    p.add_argument("--train", type=_count(1), default=4000, help="training records per domain")
-    p.add_argument("--valid", type=_count(0), default=500, help="validation records per domain")
-    p.add_argument("--test", type=_count(0), default=500, help="test records per domain")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="every record is a deterministic function of it")
+    p.add_argument("--train", type=int_at_least(1), default=4000, help="training records per domain")
+    p.add_argument("--valid", type=int_at_least(0), default=500, help="validation records per domain")
+    p.add_argument("--test", type=int_at_least(0), default=500, help="test records per domain")
     p.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS), choices=list(DOMAIN_REWARDS),
                    metavar="DOMAIN", help="domains to write (choices: %(choices)s; feed/session, episodes, "
                    "is available but not in the default set)")

@@ -9,44 +9,24 @@ import re
 import sys
 
 from engine.data.preprocess import train_tokenizer_on_logs
+from engine.cli import HelpFormatter, int_at_least
 
 PROG = os.path.basename(__file__)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option's help (not where there is none); the description kept as written."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories (.jsonl, OBD log .csv)")
     p.add_argument("--model-prefix", required=True, help="writes <prefix>.model")
-    p.add_argument("--vocab-size", type=_at_least(1), default=8000,
+    p.add_argument("--vocab-size", type=int_at_least(1), default=8000,
                    help="an upper bound: small logs give fewer pieces")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm")
     p.add_argument("--no-byte-fallback", action="store_true",
                    help="characters outside the vocabulary become <unk> instead of byte tokens")
-    p.add_argument("--max-records", type=_at_least(1), default=200_000,
+    p.add_argument("--max-records", type=int_at_least(1), default=200_000,
                    help="train on at most this many records, taken from the input files in turn")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
-    p.add_argument("--threads", type=_at_least(1), default=os.cpu_count() or 1, help="SentencePiece threads")
+    p.add_argument("--threads", type=int_at_least(1), default=os.cpu_count() or 1, help="SentencePiece threads")
     return p
 
 

@@ -1,0 +1,32 @@
+"""Command-line pieces shared by the tools: one help format and one integer-range argument type.
+
+Conventions of every tool: argparse's exit status 2 for a bad command line, 1 for work that failed
+(one line ``<tool>: error: ...`` on stderr), 0 for success.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (not for required options, flags, or options without
+    a default); the description kept as written, line breaks included."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``, else a usage error saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
