@@ -13,7 +13,7 @@ import indexed_reference as ref
 from engine.data.indexed import (DTYPE_CODES, IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError,
                                  best_dtype)
 
-# DESIGN.md golden example: documents [5, 6, 7] and [8, 9] as uint16.
+# The golden example of docs/design.md: documents [5, 6, 7] and [8, 9] as uint16.
 GOLDEN_IDX = bytes.fromhex(
     "4d4d49444944580000" "0100000000000000" "08" "0200000000000000" "0300000000000000"
     "03000000" "02000000" "0000000000000000" "0600000000000000"
