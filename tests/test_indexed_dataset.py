@@ -417,3 +417,15 @@ def test_missing_files(tmp_path):
     (tmp_path / "dir.bin").write_bytes(b"")
     with pytest.raises(IndexedDatasetError, match="not a regular file"):
         IndexedDataset(str(tmp_path / "dir"))
+
+
+def test_design_document_shows_the_golden_bytes():
+    """docs/design.md's byte-layout example is the file the builder writes (the document cannot drift)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    block = text[text.index("4d4d49444944580000"):]
+    block = block[:block.index("```")]
+    hex_digits = "".join(re.findall(r"^([0-9a-f ]+?)\s{2,}\S", block, flags=re.M)).replace(" ", "")
+    assert bytes.fromhex(hex_digits) == GOLDEN_IDX
