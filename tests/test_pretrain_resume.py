@@ -191,6 +191,7 @@ def ct_checkpoint(tiny_data, tmp_path_factory):
     ({"data": {"seq_length": 32}}, "data.seq_length: 64 -> 32"),
     ({"train": {"seed": 7}}, "train.seed: 1234 -> 7"),
     ({"train": {"global_batch_size": 4}}, "train.global_batch_size: 8 -> 4"),
+    ({"train": {"iters": 800}}, "train.iters: 2 -> 800"),  # another sample count: another CT order
     ({"train": {"stage": "sft"}, "data": {"seq_length": 64}}, "train.stage: 'ct' -> 'sft'"),
 ])
 def test_resume_refuses_another_model_or_data_setting_by_name(ct_checkpoint, tiny_data, tmp_path, monkeypatch,

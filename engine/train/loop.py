@@ -37,9 +37,11 @@ from engine.train.optimizer import AdamWConfig, MixedPrecisionAdamW
 from engine.train.step import evaluate_loss, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Run settings that fix the sample order: a resumed run must not change them.
+# Run settings that fix the sample order: a resumed run must not change them. train.iters is among
+# them because the sample index is built for iters x global_batch_size samples, and another count can
+# change the epochs and with them the order of samples already consumed.
 _ORDER_FIELDS = (("data", "train"), ("data", "seq_length"), ("train", "seed"), ("train", "global_batch_size"),
-                 ("train", "stage"))
+                 ("train", "stage"), ("train", "iters"))
 
 
 class TrainingError(RuntimeError):
