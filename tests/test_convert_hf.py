@@ -7,6 +7,9 @@ slices a plain computation from the layout rules gives.
 """
 import json
 import os
+import re
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -346,7 +349,7 @@ def test_export_refuses_non_checkpoints_and_incomplete_checkpoints(hf_dirs, tmp_
     (root / "iter_0000000" / "mp_rank_01_000" / "model.safetensors").unlink()
     with pytest.raises(ck.CheckpointError, match=r"mp_rank_01_000 \(TP rank 1, PP rank 0\) is missing"):
         sharded.export_hf(root, tmp_path / "out", progress=False)
-    with pytest.raises(ck.CheckpointError, match="iteration 3 is missing"):
+    with pytest.raises(ck.CheckpointError, match=r"iteration 3 is missing or incomplete; iterations saved in .*ck: 0$"):
         sharded.export_hf(root, tmp_path / "out", iteration=3, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -415,5 +418,49 @@ def test_cli_import_export_and_error_exit(hf_dirs, tmp_path):
     assert set(original) == set(exported) and all(torch.equal(exported[n], v) for n, v in original.items())
     run = subprocess.run(tool + ["import", "--hf-dir", str(src), "--save", str(tmp_path / "ck3"), "--tp", "3"],
                          capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 2 and "error: tensor-parallel size 3 does not divide" in run.stderr
+    assert run.returncode == 1 and "error: tensor-parallel size 3 does not divide" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "ck3").exists()
+
+
+def test_cli_messages_exit_codes_and_help(hf_dirs, tmp_path):
+    tool = [sys.executable, str(REPO / "tools" / "convert_hf.py")]
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    sharded.import_hf(hf_dirs["gqa"], ck, tp=1, pp=2, progress=False)
+    shutil.copytree(ck / "iter_0000000", ck / "iter_0000100")  # a second saved iteration
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(sharded.OutputExistsError, match=r"out: already exists and is not empty "
+                                                        r"\(pass force=True to replace it\)$"):
+        sharded.export_hf(ck, out, progress=False)
+    run = subprocess.run(tool + ["export", "--load", str(ck), "--hf-dir", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and run.stderr == f"error: {out}: already exists and is not empty " \
+                                                 "(use --force to replace it)\n"
+    run = subprocess.run(tool + ["export", "--load", str(ck), "--hf-dir", str(tmp_path / "o2"), "--iteration", "5"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.endswith(f"iterations saved in {ck}: 0, 100\n"), run.stderr
+    assert "iteration 5 is missing" in run.stderr and not (tmp_path / "o2").exists()
+    run = subprocess.run(tool + ["import", "--hf-dir", str(hf_dirs["gqa"]), "--save", str(tmp_path / "c2"),
+                                 "--tp", "0"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--tp: expected a positive integer, got 0" in run.stderr  # usage: argparse's 2
+    help_text = {c: subprocess.run(tool + [c, "--help"], capture_output=True, text=True, timeout=300).stdout
+                 for c in ("import", "export")}
+    assert re.search(r"--tp TP\s+tensor-parallel size \(default: 1\)", help_text["import"])
+    assert re.search(r"--pp PP\s+pipeline-parallel size \(default: 1\)", help_text["import"])
+    assert re.search(r"\(default:\s+5GB\)", help_text["export"]) and "default: the one 'latest'" in help_text["export"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_converted_files_get_the_permissions_of_the_umask(hf_dirs, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        sharded.import_hf(hf_dirs["tied_bf16_sharded"], tmp_path / "ck", tp=2, pp=1, progress=False)
+        sharded.export_hf(tmp_path / "ck", tmp_path / "hf", max_shard_size="40KB", progress=False)
+    finally:
+        os.umask(previous)
+    files = [os.path.join(d, f) for d, _, names in os.walk(tmp_path) for f in names]
+    dirs = [os.path.join(d, n) for d, names, _ in os.walk(tmp_path) for n in names]
+    names = {os.path.basename(f) for f in files}
+    assert {"checkpoint.json", "latest", "meta.json", "config.json", "model.safetensors.index.json"} <= names
+    assert {f: oct(stat.S_IMODE(os.stat(f).st_mode)) for f in files} == {f: oct(0o666 & ~umask) for f in files}
+    assert {d: oct(stat.S_IMODE(os.stat(d).st_mode)) for d in dirs} == {d: oct(0o777 & ~umask) for d in dirs}

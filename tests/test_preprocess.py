@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -242,10 +243,46 @@ def test_input_errors(env, tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(PreprocessError, match="unsupported input"):
         run(env, [str(tmp_path / "notes.txt")], tmp_path / "x")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(PreprocessError, match="no valid records"):
-        run(env, [str(tmp_path / "empty.jsonl")], tmp_path / "x")
-    assert not os.path.exists(tmp_path / "x.idx")
+    (tmp_path / "blank.jsonl").write_text("\n \n")
+    with pytest.raises(PreprocessError, match=r"no valid records in \S*blank.jsonl: no record lines, only 2 blank "
+                                              r"lines; nothing to fit reward bins on$"):
+        run(env, [str(tmp_path / "blank.jsonl")], tmp_path / "x")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty2.jsonl").write_text("")
+    with pytest.raises(PreprocessError, match=r"in \S*empty.jsonl, \S*empty2.jsonl: the files are empty;"):
+        run(env, [str(tmp_path / "empty.jsonl"), str(tmp_path / "empty2.jsonl")], tmp_path / "x", workers=2)
+    (tmp_path / "bad.jsonl").write_text("{nope\n[]\n")
+    with pytest.raises(PreprocessError, match=r"bad.jsonl: every record line is malformed \(2 skipped by "
+                                              r"--skip-bad-lines\); nothing to fit reward bins on$"):
+        run(env, [str(tmp_path / "bad.jsonl")], tmp_path / "x", skip_bad_lines=True)
+    bins = str(tmp_path / "bins.json")  # bins given: the encoding pass finds nothing to write
+    RewardBins.fit({("ads/ctr", "click"): [0, 1]}).save(bins)
+    with pytest.raises(PreprocessError, match=r"in \S*empty.jsonl: the file is empty; nothing to write$"):
+        run(env, [str(tmp_path / "empty.jsonl")], tmp_path / "new" / "x", reward_bins=bins)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "bins.json", "blank.jsonl", "empty.jsonl", "empty2.jsonl",
+                                            "notes.txt"]
+    with pytest.raises(PreprocessError, match="names a directory"):
+        run(env, [env["episodes"]], str(tmp_path) + os.sep)
+
+
+def test_failed_run_removes_the_directories_it_made(env, tmp_path):
+    path, _ = write_with_bad_line(env, tmp_path)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(PreprocessError, match="bad.jsonl:5"):
+        run(env, [path], tmp_path / "kept" / "new" / "deeper" / "data", workers=2)
+    assert os.listdir(tmp_path / "kept") == []  # the existing directory stays, the new ones go
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_get_the_permissions_of_the_umask(env, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        run(env, [env["episodes"]], tmp_path / "out" / "data", workers=2)
+    finally:
+        os.umask(previous)
+    modes = {p: stat.S_IMODE(os.stat(tmp_path / "out" / f"data{p}").st_mode) for p in OUTPUTS}
+    assert modes == {p: 0o666 & ~umask for p in OUTPUTS}
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o777 & ~umask
 
 
 def test_command_line_tools(env, tmp_path):
@@ -259,10 +296,18 @@ def test_command_line_tools(env, tmp_path):
            "--workers", "2", "--append-eod"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "records 12 (episodes 12" in done.stdout and "tokens/s" in done.stdout and "records/s" in done.stderr
+    assert "records 12 (episodes 12" in done.stdout and "tokens/s" in done.stdout
+    # stderr is a pipe: the progress bar prints whole lines (a first and a last here), no redraws
+    assert "\r" not in done.stderr and done.stderr.splitlines()[-1].startswith("12 records [")
     path, _ = write_with_bad_line(env, tmp_path)
     done = subprocess.run(cmd[:3] + [path] + cmd[4:], capture_output=True, text=True)
-    assert done.returncode == 1 and "bad.jsonl:5" in done.stderr
+    assert done.returncode == 1 and "bad.jsonl:5" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(cmd[:3] + [str(tmp_path / "nothing.jsonl")] + cmd[4:], capture_output=True, text=True)
+    assert done.returncode == 1 and "error: input not found:" in done.stderr
+    done = subprocess.run(cmd + ["--workers", "0"], capture_output=True, text=True)  # usage: argparse's status
+    assert done.returncode == 2 and "--workers: expected a positive integer, got 0" in done.stderr
+    done = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--output-prefix data/sar_train \\\n        --tokenizer-model" in done.stdout
 
 
 def test_unknown_tokens_are_counted_not_hidden(env, tmp_path):

@@ -5,7 +5,9 @@
 
 Both read a tensor, write its pieces and drop it before the next, so peak memory is about one full
 parameter whatever the model size. Both build their output under a hidden staging name next to the
-destination and rename it at the end: a failed conversion leaves nothing that looks complete.
+destination (``.NAME.partial-<pid>-<host>``) and rename it at the end: a failed or interrupted
+conversion leaves nothing behind, and the staging directory of a killed one is removed by the next
+conversion into the same destination.
 Everything wrong with the input (unsupported config field, impossible layout, missing, unexpected
 or mis-shaped tensors, a directory that is not a checkpoint) is reported by name before any output.
 """
@@ -17,14 +19,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine.model.hf import engine_to_hf_name, plan_hf_tensors, read_hf_shard
-from engine.fileio import replace_dir, write_json_atomic
+from engine.fileio import (make_parent_dirs, progress_bar, remove_empty_dirs, remove_stale_temporaries,
+                           replace_dir, temporary_name, write_json_atomic)
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import stage_of, tp_shard_dim
 from engine.parallel.state import validate_layout
-from engine.train.checkpoint import CheckpointWriter, dominant_dtype, open_checkpoint, read_full_tensor
+from engine.train.checkpoint import (CHECKPOINT_JSON, CheckpointError, CheckpointWriter, dominant_dtype, iteration_dir_name,
+                                     open_checkpoint, read_full_tensor)
 from engine.safetensors_io import SafetensorsWriter, dtype_name
 
 # Files besides the weights that make a HF directory usable: copied into the checkpoint on import
@@ -40,6 +43,14 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 class ConversionError(ValueError):
     """An input that cannot be converted; the message names the file, tensor or field."""
+
+
+class OutputExistsError(ConversionError):
+    """The destination holds files and replacing it was not asked for (``force``)."""
+
+    def __init__(self, path: Path, remedy: str = "pass force=True to replace it"):
+        self.path = path
+        super().__init__(f"{path}: already exists and is not empty ({remedy})")
 
 
 def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
@@ -64,15 +75,36 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def _staging_for(dest: Path, force: bool) -> Path:
-    """A fresh staging directory next to ``dest``; refuses to overwrite a non-empty ``dest``."""
+def _staging_for(dest: Path, force: bool) -> tuple[Path, list[str]]:
+    """A fresh staging directory next to ``dest`` and the parent directories made for it; refuses
+    to overwrite a non-empty ``dest``. Staging left by killed conversions into ``dest`` is removed."""
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not force:
-        raise ConversionError(f"{dest}: already exists and is not empty (pass force=True / --force to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        raise OutputExistsError(dest)
+    created = make_parent_dirs(dest)
+    remove_stale_temporaries(dest)
+    staging = dest.with_name(temporary_name(dest.name, "partial", hidden=True))
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    return staging
+    return staging, created
+
+
+def _abandon(staging: Path, created: list[str]) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    remove_empty_dirs(created)
+
+
+def _check_iteration(load: str | os.PathLike, iteration: int | None) -> None:
+    """A requested iteration that a checkpoint root lacks: say which ones it has."""
+    root = Path(load)
+    if iteration is None or not root.is_dir() or (root / CHECKPOINT_JSON).is_file():
+        return
+    if (root / iteration_dir_name(iteration) / CHECKPOINT_JSON).is_file():
+        return
+    present = sorted(int(p.name[len("iter_"):]) for p in root.glob("iter_*")
+                     if p.name[len("iter_"):].isdigit() and (p / CHECKPOINT_JSON).is_file())
+    listed = ", ".join(map(str, present)) if present else "none"
+    raise CheckpointError(f"{root / iteration_dir_name(iteration)}: checkpoint of iteration {iteration} is missing "
+                          f"or incomplete; iterations saved in {root}: {listed}")
 
 
 def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
@@ -106,7 +138,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
     main_dtype = dominant_dtype((d, plan[n][2].end - plan[n][2].start) for n, d in dtypes.items())
 
     dest = Path(save_dir)
-    staging = _staging_for(dest, force)
+    staging, created = _staging_for(dest, force)
     writers: dict[tuple[int, int], SafetensorsWriter] = {}
     try:
         ckpt = CheckpointWriter(staging, 0, config, tp, pp)
@@ -115,7 +147,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
         # File order, then offset order: the input is read sequentially.
         order = sorted(plan, key=lambda n: (str(plan[n][1]), plan[n][2].start))
         total = sum(plan[n][2].end - plan[n][2].start for n in order)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="import", disable=not progress) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc="import", disable=not progress) as bar:
             for name in order:
                 hf_name, path, info = plan[name]
                 stages = stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings)
@@ -143,7 +175,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
     except BaseException:
         for w in writers.values():
             w.abort()
-        shutil.rmtree(staging, ignore_errors=True)
+        _abandon(staging, created)
         raise
     return dest / ckpt.final_dir.name
 
@@ -178,6 +210,7 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
     """
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_size)
+    _check_iteration(load, iteration)
     ckpt = open_checkpoint(load, iteration)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise ConversionError(f"{tokenizer_dir}: tokenizer directory does not exist")
@@ -194,14 +227,14 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     dest = Path(hf_dir)
-    staging = _staging_for(dest, force)
+    staging, created = _staging_for(dest, force)
     try:
         config = ckpt.config.to_hf_dict()
         config["torch_dtype"] = config["dtype"] = dtype_name(dominant_dtype((out_dtype[n], nbytes[n]) for n in names))
         write_json_atomic(staging / "config.json", config)
         weight_map = {}
-        with tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc="export",
-                  disable=not progress) as bar:
+        with progress_bar(total=sum(nbytes.values()), unit="B", unit_scale=True, desc="export",
+                          disable=not progress) as bar:
             for file, shard in zip(files, shards):
                 specs = {engine_to_hf_name(n): (out_dtype[n], ckpt.full_shape(n)) for n in shard}
                 with SafetensorsWriter(staging / file, specs, {"format": "pt"}) as w:
@@ -217,7 +250,7 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
         _copy_side_files(sources, staging)
         replace_dir(staging, dest)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _abandon(staging, created)
         raise
     return dest
 
@@ -236,5 +269,5 @@ def describe(path: str | os.PathLike) -> str:
             f"(padded {ckpt.padded_vocab_size}), dtype {ckpt.info.get('dtype')}")
 
 
-__all__ = ["ConversionError", "import_hf", "export_hf", "parse_size", "parse_dtype",
+__all__ = ["ConversionError", "OutputExistsError", "import_hf", "export_hf", "parse_size", "parse_dtype",
            "describe", "HF_SIDE_FILES"]

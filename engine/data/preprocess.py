@@ -12,17 +12,24 @@ Outputs, for ``output_prefix`` P:
 Records are encoded by worker processes, ``chunk_size`` records per task, results consumed in input
 order, so the files are identical for any number of workers. A bad line stops the run with its
 file:line unless ``skip_bad_lines`` (then each is counted and listed). Everything is written under
-temporary names and renamed at the end, the main ``.idx`` last: a failed run leaves no ``.idx``.
+temporary names ``P.tmp-<pid>-<host>...`` and renamed at the end, the main ``.idx`` last: a failed
+or interrupted run leaves no ``.idx``, no temporaries, and no output directory it created; what a
+killed run left is removed by the next run of the same prefix. Workers end with the run, and die
+with the main process if it is killed.
 """
 from __future__ import annotations
 
 import array
 import collections
+import contextlib
+import ctypes
 import glob
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +37,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from engine.fileio import (make_parent_dirs, progress_bar, remove_empty_dirs, remove_stale_temporaries,
+                           signals_deferred, temporary_name)
 from engine.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from engine.data.obd import ObdOptions, is_obd_log, iter_obd_rows
 from engine.data.reward_bins import DEFAULT_NUM_BINS, RewardBins
@@ -39,6 +48,7 @@ from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
 META_FORMAT = "ltu-sar-dataset"
 MAX_LISTED_BAD_LINES = 10000
 MASK_SUFFIX = "_reward_mask"
+TMP_MASK_SUFFIX = ".reward_mask"  # after the owner tag of temporary names, which ends at a dot
 
 
 class PreprocessError(ValueError):
@@ -225,10 +235,35 @@ class ChunkEncoder:
 
 
 _WORKER_TASK = None  # set once per worker process by _init_worker (the tokenizer is loaded there)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(task_factory, args) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the main process ends, even by SIGKILL: the kernel's parent-death
+    signal on Linux, a thread watching the parent elsewhere."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL)) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+
+
+def _init_worker(task_factory, args, parent_pid: int) -> None:
     global _WORKER_TASK
+    # The main process handles interrupts and ends the workers; a terminal's Ctrl-C reaches the
+    # whole process group, and a worker must not print its own traceback for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
     _WORKER_TASK = task_factory(*args) if task_factory is not None else None
 
 
@@ -242,27 +277,47 @@ def _ordered_map(fn, args, chunks: Iterator[list], workers: int) -> Iterator:
     At most 4 chunks per worker are in flight (Pool.imap would read the whole input ahead of the
     workers). A worker that dies or fails to start raises BrokenProcessPool instead of hanging.
     Workers are forked where possible: nothing is re-imported, and callers run from any script.
+    Closing the generator early (an error, an interrupt) cancels the chunks not yet started and
+    ends the workers.
     """
     if workers <= 1:
         task = fn(*args) if args is not None else fn
         yield from map(task, chunks)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    init_args = (fn, args) if args is not None else (None, ())
+    init_args = (fn, args, os.getpid()) if args is not None else (None, (), os.getpid())
     call = _run_task if args is not None else fn
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                             initializer=_init_worker, initargs=init_args) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=_init_worker, initargs=init_args)
+    finished = False
+    try:
         pending: collections.deque = collections.deque()
-        try:
-            for chunk in chunks:
-                pending.append(pool.submit(call, chunk))
-                if len(pending) >= 4 * workers:
-                    yield pending.popleft().result()
-            while pending:
+        for chunk in chunks:
+            pending.append(pool.submit(call, chunk))
+            if len(pending) >= 4 * workers:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+        finished = True
+    finally:
+        if finished:
+            pool.shutdown(wait=True)
+        else:
+            _stop_pool(pool)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 30.0) -> None:
+    """Cancel the queued chunks and let the workers finish the few they hold, then exit. A worker
+    killed while sending a result would leave half a message in the result pipe, and the pool's
+    reader thread would wait for its end forever; only a worker stuck past ``grace_s`` is killed."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(timeout=max(deadline - time.monotonic(), 0.0))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 # --------------------------------------------------------------------------- the run
@@ -278,18 +333,35 @@ def _bad_line(summary: PreprocessSummary, config: PreprocessConfig, where: str, 
 
 def _fit_bins(paths: list[str], config: PreprocessConfig) -> RewardBins:
     values: dict[tuple[str, str], array.array] = {}  # 8 bytes a value, not a Python float object
-    chunks = _chunks(iter_items(paths, config.obd, [0]), config.chunk_size)
-    for results in _ordered_map(scan_chunk, None, chunks, config.workers):
-        for where, error, rewards in results:
-            if error is not None:
-                if not config.skip_bad_lines:
-                    raise PreprocessError(f"{error} (use --skip-bad-lines to skip and count such lines)")
-                continue  # counted once, in the encoding pass
-            for domain, name, value in rewards:
-                values.setdefault((domain, name), array.array("d")).append(value)
-    if not values:
-        raise PreprocessError("no valid records to fit reward bins on")
+    blank, bad = [0], 0
+    chunks = _chunks(iter_items(paths, config.obd, blank), config.chunk_size)
+    with contextlib.closing(_ordered_map(scan_chunk, None, chunks, config.workers)) as scanned:
+        for results in scanned:
+            for where, error, rewards in results:
+                if error is not None:
+                    if not config.skip_bad_lines:
+                        raise PreprocessError(f"{error} (use --skip-bad-lines to skip and count such lines)")
+                    bad += 1  # listed once, in the encoding pass
+                    continue
+                for domain, name, value in rewards:
+                    values.setdefault((domain, name), array.array("d")).append(value)
+    if not values:  # every valid record has a reward field
+        raise _no_records_error(paths, blank[0], bad, "fit reward bins on")
     return RewardBins.fit({k: np.frombuffer(v, dtype=np.float64) for k, v in values.items()}, config.num_bins)
+
+
+def _no_records_error(paths: list[str], blank: int, bad: int, purpose: str) -> PreprocessError:
+    """Which inputs had nothing usable, and why."""
+    named = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    if bad:
+        cause = f"every record line is malformed ({bad} skipped by --skip-bad-lines)"
+    elif blank:
+        cause = f"no record lines, only {blank} blank line{'s' if blank != 1 else ''}"
+    else:
+        cause = "the file is empty" if len(paths) == 1 else "the files are empty"
+        if any(p.endswith(".csv") for p in paths):
+            cause += " or hold a CSV header only"
+    return PreprocessError(f"no valid records in {named}: {cause}; nothing to {purpose}")
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
@@ -300,7 +372,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     if config.append_eod and tokenizer.eos_id is None:
         raise PreprocessError(f"--append-eod: {config.tokenizer_model} has no EOS token")
     prefix = config.output_prefix
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    if not os.path.basename(prefix):
+        raise PreprocessError(f"output prefix {prefix!r} names a directory; add a file name prefix "
+                              "(e.g. data/sar_train)")
     bins = RewardBins.merge([RewardBins.load(p) for p in _bins_paths(config)]) if config.reward_bins \
         else _fit_bins(paths, config)
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
@@ -309,20 +383,50 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     except ValueError as exc:
         raise PreprocessError(str(exc)) from None
 
-    tag = f".tmp-{os.getpid()}"
-    tmp_prefix, tmp_mask_prefix = prefix + tag, prefix + MASK_SUFFIX + tag
-    tmp_bins, tmp_meta = f"{prefix}.reward_bins.json{tag}", f"{prefix}.meta.json{tag}"
-    temps = [tmp_prefix + ".bin", tmp_prefix + ".idx", tmp_mask_prefix + ".bin", tmp_mask_prefix + ".idx",
-             tmp_bins, tmp_meta]
-    summary = PreprocessSummary(output_prefix=prefix, ignored_files=ignored)
-    blank = [0]
-    builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype)
-    mask_builder = IndexedDatasetBuilder(tmp_mask_prefix + ".bin", np.uint8)
-    progress = _progress(config.progress)
+    created_dirs = make_parent_dirs(prefix)
+    builder = mask_builder = progress = tmp_prefix = None
     try:
-        chunks = _chunks(iter_items(paths, config.obd, blank), config.chunk_size)
-        args = (config.tokenizer_model, bins.to_json(), config.append_eod, config.add_bos, dtype.name)
-        for tokens, masks, entries in _ordered_map(ChunkEncoder, args, chunks, config.workers):
+        remove_stale_temporaries(prefix)  # what killed runs of this prefix left
+        # Every temporary of the run starts with P.tmp-<pid>-<host>. (a dot: the owner tag ends there),
+        # the builders' own ones too.
+        tmp_prefix = os.path.join(os.path.dirname(prefix), temporary_name(os.path.basename(prefix)))
+        tmp_mask_prefix = tmp_prefix + TMP_MASK_SUFFIX
+        tmp_bins, tmp_meta = tmp_prefix + ".reward_bins.json", tmp_prefix + ".meta.json"
+        summary = PreprocessSummary(output_prefix=prefix, ignored_files=ignored)
+        blank = [0]
+        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype)
+        mask_builder = IndexedDatasetBuilder(tmp_mask_prefix + ".bin", np.uint8)
+        progress = _progress(config.progress)
+        _encode_and_write(config, paths, tokenizer, bins, dtype, builder, mask_builder, summary, blank, progress)
+        if summary.records == 0:
+            raise _no_records_error(paths, blank[0], summary.num_bad_lines, "write")
+        summary.blank_lines = blank[0]
+        builder.finalize(tmp_prefix + ".idx")
+        mask_builder.finalize(tmp_mask_prefix + ".idx")
+        bins.save(tmp_bins)
+        _write_meta(tmp_meta, config, paths, tokenizer, encoder, dtype, summary)
+        _publish(prefix, tmp_prefix)
+    except BaseException:
+        for b in (builder, mask_builder):
+            if b is not None:
+                b.abort()
+        if tmp_prefix is not None:
+            _remove_own_temporaries(tmp_prefix)
+        remove_empty_dirs(created_dirs)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _encode_and_write(config, paths, tokenizer, bins, dtype, builder, mask_builder, summary, blank, progress):
+    """The encoding pass: every record's tokens and reward mask appended to the builders, in order."""
+    chunks = _chunks(iter_items(paths, config.obd, blank), config.chunk_size)
+    args = (config.tokenizer_model, bins.to_json(), config.append_eod, config.add_bos, dtype.name)
+    with contextlib.closing(_ordered_map(ChunkEncoder, args, chunks, config.workers)) as encoded:
+        for tokens, masks, entries in encoded:
             offset = 0
             for entry in entries:
                 if entry[0] == "bad":
@@ -344,27 +448,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
                 summary.unknown_tokens += int(np.count_nonzero(tokens == tokenizer.unk_id))
             if progress is not None:
                 progress.update(len(entries))
-                progress.set_postfix(tok_s=f"{summary.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
-        if summary.records == 0:
-            raise PreprocessError("no valid records in the input: nothing to write")
-        summary.blank_lines = blank[0]
-        builder.finalize(tmp_prefix + ".idx")
-        mask_builder.finalize(tmp_mask_prefix + ".idx")
-        bins.save(tmp_bins)
-        _write_meta(tmp_meta, config, paths, tokenizer, encoder, dtype, summary)
-        _publish(prefix, tmp_prefix, tmp_mask_prefix, tag)
-    except BaseException:
-        builder.abort()
-        mask_builder.abort()
-        for path in temps:
-            if os.path.exists(path):
-                os.remove(path)
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
+                progress.set_postfix(tok_s=f"{summary.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}",
+                                     refresh=False)
 
 
 def _bins_paths(config: PreprocessConfig) -> list[str]:
@@ -374,10 +459,7 @@ def _bins_paths(config: PreprocessConfig) -> list[str]:
 
 
 def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(unit=" records", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    return progress_bar(unit=" records", smoothing=0.1) if enabled else None
 
 
 def _write_meta(path, config, paths, tokenizer, encoder, dtype, summary) -> None:
@@ -406,18 +488,30 @@ def _write_meta(path, config, paths, tokenizer, encoder, dtype, summary) -> None
         fh.write("\n")
 
 
-def _publish(prefix: str, tmp_prefix: str, tmp_mask_prefix: str, tag: str) -> None:
-    """Old indexes go first, the new main .idx comes last: no moment shows a complete-looking mix."""
-    mask_prefix = prefix + MASK_SUFFIX
-    for old in (prefix + ".idx", mask_prefix + ".idx"):
-        if os.path.exists(old):
-            os.remove(old)
-    os.replace(f"{prefix}.reward_bins.json{tag}", f"{prefix}.reward_bins.json")
-    os.replace(f"{prefix}.meta.json{tag}", f"{prefix}.meta.json")
-    os.replace(tmp_mask_prefix + ".bin", mask_prefix + ".bin")
-    os.replace(tmp_mask_prefix + ".idx", mask_prefix + ".idx")
-    os.replace(tmp_prefix + ".bin", prefix + ".bin")
-    os.replace(tmp_prefix + ".idx", prefix + ".idx")
+def _remove_own_temporaries(tmp_prefix: str) -> None:
+    """Every file of this run: ``tmp_prefix.*`` and its hidden form."""
+    directory, base = os.path.split(os.path.abspath(tmp_prefix))
+    for entry in os.scandir(directory):
+        name = entry.name[1:] if entry.name.startswith(".") else entry.name
+        if name.startswith(base + ".") and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+def _publish(prefix: str, tmp_prefix: str) -> None:
+    """Old indexes go first, the new main .idx comes last: no moment shows a complete-looking mix.
+    An interrupt waits until every file is in place (the run then ends as interrupted, published)."""
+    mask_prefix, tmp_mask_prefix = prefix + MASK_SUFFIX, tmp_prefix + TMP_MASK_SUFFIX
+    with signals_deferred():
+        for old in (prefix + ".idx", mask_prefix + ".idx"):
+            if os.path.exists(old):
+                os.remove(old)
+        os.replace(tmp_prefix + ".reward_bins.json", prefix + ".reward_bins.json")
+        os.replace(tmp_prefix + ".meta.json", prefix + ".meta.json")
+        os.replace(tmp_mask_prefix + ".bin", mask_prefix + ".bin")
+        os.replace(tmp_mask_prefix + ".idx", mask_prefix + ".idx")
+        os.replace(tmp_prefix + ".bin", prefix + ".bin")
+        os.replace(tmp_prefix + ".idx", prefix + ".idx")
 
 
 def train_tokenizer_on_logs(inputs: list[str], model_path: str, vocab_size: int = 8000,
