@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from dist_utils import free_port
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "tools" / "pretrain.py"
 
+MARKER = "LTU_TEST_RUN"  # environment variable carried by every process of a test run
 TINY_DATA_VERSION = 1  # bump when make_tiny_data changes what it writes
 
 
@@ -215,8 +217,7 @@ def start_pretrain(args: list[str], nproc: int = 1, env: dict | None = None, *, 
     if not torchrun:
         if nproc != 1 or nnodes != 1:
             raise ValueError("start_pretrain: without torchrun the run is one process (nproc 1, nnodes 1)")
-        return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=str(cwd), env=pretrain_env(env),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return _popen([sys.executable, str(script), *map(str, args)], cwd, env)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes == 1:
         command += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
@@ -226,16 +227,47 @@ def start_pretrain(args: list[str], nproc: int = 1, env: dict | None = None, *, 
         command += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv-backend=c10d",
                     f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=ltu-test", "--max-restarts=0"]
     command += [str(script), *map(str, args)]
-    return subprocess.Popen(command, cwd=str(cwd), env=pretrain_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return _popen(command, cwd, env)
+
+
+def _popen(command: list[str], cwd, env: dict | None) -> subprocess.Popen:
+    """Start a run whose every descendant carries a marker in its environment, so that
+    :func:`kill_group` finds ranks that left the process group (torchrun may start them in sessions
+    of their own)."""
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"
+    proc = subprocess.Popen(command, cwd=str(cwd), env=pretrain_env({**(env or {}), MARKER: marker}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc.ltu_marker = marker
+    return proc
+
+
+def marked_processes(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``MARKER=marker``."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc``'s process group (torchrun and its ranks) and reap ``proc``."""
+    """SIGKILL ``proc``'s process group (torchrun and its ranks), then any marked descendant that
+    left the group, and reap ``proc``."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in marked_processes(getattr(proc, "ltu_marker", "")) if hasattr(proc, "ltu_marker") else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
 
 
@@ -253,10 +285,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.Completed
         kill_group(proc)
         raise
     # Ranks torchrun failed to reap (it died first) go with the group.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_group(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
