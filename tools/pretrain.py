@@ -6,7 +6,8 @@
     python tools/pretrain.py --help                              # every field, with its documentation
 
 Multi-node: torchrun --nnodes=K --nproc_per_node=N --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...
-Exit status: 0 when the run finished, 1 when it failed (the message names why), 2 for a bad command line.
+Exit status: 0 when the run finished, 1 when it failed (the message names why), 2 for a bad command
+line, 130 / 143 when stopped by SIGINT / SIGTERM (a save in progress never publishes half a checkpoint).
 """
 from __future__ import annotations
 
@@ -25,10 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     # torch comes after the command line is read, so a bad one (and --help) answers at once.
     import torch.distributed as dist
 
+    from engine.fileio import Interrupted, signals_raise_interrupted
     from engine.train.loop import train
 
     try:
-        train(cfg)
+        with signals_raise_interrupted():  # torchrun stops ranks with SIGTERM: unwind, no traceback
+            train(cfg)
+    except Interrupted as e:
+        print(f"pretrain.py: interrupted by {e.signal_name}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("pretrain.py: interrupted", file=sys.stderr)
         return 130
