@@ -344,7 +344,7 @@ def test_consecutive_skips_stop_the_run_keeping_the_last_checkpoint(tiny_data, t
 
     # It resumes: with finite steps the run goes on, the skip streak broken.
     monkeypatch.undo()
-    resumed = train_in_process(with_updates(cfg, train={"iters": 6}, checkpoint={"load": save}))
+    resumed = train_in_process(with_updates(cfg, checkpoint={"load": save}), stop_after=6)
     assert resumed.run_state.iteration == 6 and resumed.run_state.skipped_in_a_row == 0
     records = training_records(save)
     assert [(r["iteration"], r["skipped"]) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 2), (6, 2)]

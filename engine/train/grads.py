@@ -165,7 +165,9 @@ class GradBuffer:
             return
         grads = self.grads[bucket.start:bucket.end]
         if self.distributed_optimizer:
-            bucket.handle = dist.reduce_scatter_single(self.owned_grad(bucket), grads.clone(),
+            # In place: the output is this rank's slice of the input (NCCL and gloo allow it), so no
+            # staging copy of the bucket lives until finalize.
+            bucket.handle = dist.reduce_scatter_single(self.owned_grad(bucket), grads,
                                                        group=self.dp_group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(grads, group=self.dp_group, async_op=True)
@@ -253,9 +255,8 @@ class GradBuffer:
         handles = []
         for bucket in self.buckets:
             start, end = self.owned_range(bucket)
-            handles.append(dist.all_gather_single(self.params[bucket.start:bucket.end],
-                                                  self.params[start:end].clone(),
-                                                  group=self.dp_group, async_op=True))
+            handles.append(dist.all_gather_single(self.params[bucket.start:bucket.end],  # in place
+                                                  self.params[start:end], group=self.dp_group, async_op=True))
         for h in handles:
             h.wait()
 
