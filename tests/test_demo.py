@@ -186,3 +186,10 @@ def test_train_tokenizer_tool_errors_are_one_line(demo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("train_tokenizer.py: error: SentencePiece: Vocabulary size is smaller than required")
     assert err.count("\n") == 1 and ".cc(" not in err and not os.path.exists(prefix + ".model")
+
+
+def test_kernel_resources_bad_shape_is_a_usage_error():
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "kernel_resources.py"), "--rmsnorm", "8x"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and "shape '8x' is not ROWSxHIDDEN" in out.stderr, out.stderr

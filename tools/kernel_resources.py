@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                         help="which attention kernels to build")
     parser.add_argument("--group", type=int, default=4, help="query heads per kv head")
     parser.add_argument("--defaults", action="store_true", help="only the untuned default tiles")
-    parser.add_argument("--rmsnorm", nargs="+", metavar="ROWSxHIDDEN",
+    parser.add_argument("--rmsnorm", nargs="+", metavar="ROWSxHIDDEN", type=_shape,
                         help="report the RMSNorm kernels at these shapes instead of attention")
     parser.add_argument("--path", choices=("tma", "pointer", "both"), default="both",
                         help="on sm_90: TMA descriptor or pointer loads (other targets: the ampere tiles)")
@@ -185,14 +185,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def _shape(text: str) -> str:
+    """argparse type of --rmsnorm: ROWSxHIDDEN with positive integers (a usage error otherwise)."""
+    try:
+        rows, hidden = (int(s) for s in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not ROWSxHIDDEN") from None
+    if rows < 1 or hidden < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r} needs positive ROWS and HIDDEN")
+    return text
+
+
 def _report_rmsnorm(shapes: list[str], dtype: str, sm: int) -> int:
     print(f"triton {triton.__version__}, target sm_{sm}, {dtype}, RMSNorm")
     print(f"{'kernel':6} {'shape':12} {'launch':38} {'regs':>4} {'stack':>5} {'smem':>6}")
     for shape in shapes:
-        try:
-            rows, hidden = (int(s) for s in shape.lower().split("x"))
-        except ValueError:
-            sys.exit(f"kernel_resources: --rmsnorm shape {shape!r} is not ROWSxHIDDEN")
+        rows, hidden = (int(s) for s in shape.lower().split("x"))
         for kernel in ("fwd", "bwd", "sum"):
             compiled, settings = compile_rmsnorm(kernel, dtype, rows, hidden, sm)
             r = resources(compiled)
