@@ -163,6 +163,13 @@ class TiedHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ the model
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its random init, whose meta version imports
+    torch._dynamo (seconds and ~150 MiB per process) for values nobody reads: shapes only there."""
+    weight = torch.empty(num, dim)
+    return nn.Embedding(num, dim, _weight=weight) if weight.is_meta else nn.Embedding(num, dim)
+
+
 class Llama(nn.Module):
     """Llama as HF ``LlamaForCausalLM``: ``model(input_ids) -> logits``.
 
@@ -187,7 +194,7 @@ class Llama(nn.Module):
             if not 0 <= i < config.num_hidden_layers:
                 raise ValueError(f"layer index {i} outside 0..{config.num_hidden_layers - 1}")
         holds_embedding = has_embedding or (has_head and config.tie_word_embeddings)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if holds_embedding else None
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size) if holds_embedding else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layer_ids})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if has_head else None
         self.lm_head = None
