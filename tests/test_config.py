@@ -228,7 +228,7 @@ def test_the_three_shipped_configs_exist_with_their_layouts():
     assert (tiny.train.micro_batch_size, tiny.train.global_batch_size, tiny.train.iters) == (4, 8, 100)
     assert (tiny.checkpoint.save, tiny.checkpoint.interval, tiny.train.eval_interval) == ("runs/tiny", 50, 50)
     assert tiny.data.train == "runs/demo/data/sar_train" and tiny.data.valid == "runs/demo/data/sar_valid"
-    for name, tp, pp, world in (("llama2-7b", 2, 1, 64), ("llama2-13b", 8, 2, 64)):
+    for name, tp, pp, world in (("llama2-7b", 2, 1, 64), ("llama2-13b", 8, 1, 64)):
         cfg = load_yaml_config(os.path.join(REPO, "configs", f"{name}.yaml"))
         t = cfg.train
         assert (cfg.model.preset, cfg.parallel.tp, cfg.parallel.pp) == (name, tp, pp)
