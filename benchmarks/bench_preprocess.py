@@ -1,96 +1,207 @@
 #!/usr/bin/env python
-"""Preprocessing throughput (records/s, tokens/s) on synthetic SAR logs for several worker counts.
+"""Preprocessing throughput against a Megatron-LM-shaped baseline, and where the time goes.
 
-    python benchmarks/bench_preprocess.py --records 100000 --workers 1 2
+    python benchmarks/bench_preprocess.py --records 400000 --workers 1 2 --repeat 3
+    python benchmarks/bench_preprocess.py --records 400000 --breakdown 50000
 
-Writes the logs and a tokenizer under --workdir (kept between runs, reused when present), then runs
-the preprocessing once per worker count with the reward bins fitted on the input (a scan pass plus
-the encoding pass) and once with them given (encoding pass only, as for a validation split), and
-checks that every worker count wrote byte-identical files.
+Writes synthetic logs (every domain, episodes included) and a tokenizer under --workdir (reused when
+present), and the records' serialized text as JSON lines {"text": ...} (Megatron's input). Then, for
+each worker count, runs interleaved: the baseline (the shape of Megatron-LM's
+tools/preprocess_data.py: read a line, json.loads, one SentencePiece encode call per record text,
+append EOD, add_item + end_document on an IndexedDatasetBuilder; multiprocessing.Pool.imap with
+chunksize 32, as Megatron, for every worker count), ``preprocess`` with the reward bins fitted on
+the input, and ``preprocess`` with them given. Checks that every run of ``preprocess`` wrote the
+same bytes, and that the baseline wrote the same tokens. ``--breakdown N`` times the stages of the
+encoding on the first N records in one process instead.
 """
 import argparse
 import filecmp
+import glob
+import json
+import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.preprocess import PreprocessConfig, preprocess, train_tokenizer_on_logs  # noqa: E402
+from engine.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype  # noqa: E402
+from engine.data.preprocess import PreprocessConfig, preprocess, read_records, train_tokenizer_on_logs  # noqa: E402
+from engine.data.reward_bins import RewardBins  # noqa: E402
+from engine.data.sar import _reject_duplicates, parse_record, serialize_parts, serialize_text  # noqa: E402
 from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, write_logs  # noqa: E402
-from engine.data.tokenizer import Tokenizer  # noqa: E402
+from engine.data.tokenizer import RecordEncoder, Tokenizer  # noqa: E402
 
 
-def _children_cpu() -> float:
-    """CPU seconds of finished child processes (the workers, once their pool has shut down)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+# --------------------------------------------------------------------------- the baseline
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--records", type=int, default=100_000, help="total training records (split over domains)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=3, help="runs per configuration; best and median reported")
-    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ltu_bench_preprocess"))
-    args = p.parse_args()
+class MegatronShapedEncoder:
+    """Megatron-LM's Encoder: the tokenizer loaded once per worker, one encode call per line."""
 
+    def __init__(self, model: str):
+        self.model = model
+
+    def initializer(self):
+        self.tokenizer = Tokenizer(self.model)
+        self.eod = self.tokenizer.eos_id
+
+    def encode(self, line: str):
+        text = json.loads(line)["text"]
+        ids = self.tokenizer.encode(text)
+        ids.append(self.eod)
+        return ids, len(line)
+
+
+def run_baseline(text_path: str, model: str, prefix: str, workers: int) -> tuple[int, int]:
+    encoder = MegatronShapedEncoder(model)
+    dtype = best_dtype(Tokenizer(model).vocab_size)
+    records = tokens = 0
+    ctx = multiprocessing.get_context("fork")
+    with open(text_path, encoding="utf-8") as fin, ctx.Pool(workers, initializer=encoder.initializer) as pool:
+        builder = IndexedDatasetBuilder(prefix + ".bin", dtype)
+        for ids, _ in pool.imap(encoder.encode, fin, 32):
+            builder.add_item(np.array(ids, dtype=dtype))
+            builder.end_document()
+            records += 1
+            tokens += len(ids)
+        builder.finalize(prefix + ".idx")
+    return records, tokens
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def prepare(args) -> tuple[str, str, str]:
     per_domain = args.records // len(DOMAIN_REWARDS)
     logs = os.path.join(args.workdir, f"logs_{per_domain}")
     if not os.path.exists(os.path.join(logs, "manifest.json")):
         t = time.perf_counter()
-        config = SyntheticConfig(seed=0, train_per_domain=per_domain, valid_per_domain=0, test_per_domain=0,
-                                 domains=tuple(DOMAIN_REWARDS))  # every domain, episodes included
-        write_logs(config, logs)
+        write_logs(SyntheticConfig(seed=0, train_per_domain=per_domain, valid_per_domain=0, test_per_domain=0,
+                                   domains=tuple(DOMAIN_REWARDS)), logs)
         print(f"generated {per_domain * len(DOMAIN_REWARDS)} records in {time.perf_counter() - t:.1f} s")
     model = os.path.join(args.workdir, f"tok{args.vocab_size}.model")
     if not os.path.exists(model):
-        t = time.perf_counter()
         train_tokenizer_on_logs([os.path.join(logs, "train")], model, vocab_size=args.vocab_size, max_records=20000)
-        print(f"trained tokenizer in {time.perf_counter() - t:.1f} s")
-    # SentencePiece may stop below the requested size (no hard limit): report what was built.
-    print(f"tokenizer {model}: {Tokenizer(model).vocab_size} pieces (requested {args.vocab_size})")
+    texts = os.path.join(logs, "serialized.jsonl")
+    bins_path = os.path.join(logs, "bins.json")
+    if not os.path.exists(texts):
+        records = list(read_records([os.path.join(logs, "train")]))
+        bins = RewardBins.fit_records(records)
+        bins.save(bins_path)
+        with open(texts, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps({"text": serialize_text(record, bins.classify)}) + "\n")
+    return os.path.join(logs, "train"), model, texts
 
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs visible")
-    print(f"best and median of {args.repeat} runs")
-    print("| workers | reward bins | records | tokens | best s | median s | records/s (best) | tokens/s (best) "
-          "| CPU s main + workers (median) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    prefixes = []
-    bins_path = os.path.join(args.workdir, "bins.json")
-    for given_bins in (False, True):
+
+# --------------------------------------------------------------------------- stage breakdown
+
+
+def breakdown(train: str, model: str, limit: int) -> None:
+    """Per-record time of each stage of the encoding, in one process, on the first ``limit`` records."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(train, "*.jsonl"))):
+        with open(path, "rb") as fh:
+            lines += [raw for _, raw in zip(range(limit // len(DOMAIN_REWARDS)), fh)]
+    times = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        times[name] = (time.perf_counter() - t) / len(lines) * 1e6
+        return out
+
+    texts = timed("read: UTF-8 decode", lambda: [raw.decode("utf-8") for raw in lines])
+    objs = timed("JSON parse (duplicate-key check)", lambda: [
+        json.loads(t.rstrip("\r\n"), object_pairs_hook=_reject_duplicates, parse_constant=float) for t in texts])
+    records = timed("validation", lambda: [parse_record(o, "x") for o in objs])
+    encoder = RecordEncoder(Tokenizer(model), RewardBins.fit_records(records))
+    parts = timed("serialization (texts and classes)", lambda: [serialize_parts(r, encoder.bins.classify)
+                                                                  for r in records])
+    flat = [t for texts_, _ in parts for t in texts_]
+    timed("encode: one call per text segment", lambda: [encoder.tokenizer.encode(t) for t in flat])
+    timed("encode: one batch call, 1 thread", lambda: encoder.tokenizer.encode_batch(flat, 1))
+    timed("encode: one batch call, 2 threads", lambda: encoder.tokenizer.encode_batch(flat, 2))
+    joined = ["".join(t) for t, _ in parts]
+    timed("baseline: one encode call per record text", lambda: [encoder.tokenizer.encode(t) for t in joined])
+    timed("RecordEncoder.encode + reward_mask (per record, per segment)",
+          lambda: [e.reward_mask() for e in (encoder.encode(r) for r in records)])
+    fresh = RecordEncoder(encoder.tokenizer, encoder.bins)
+    timed("RecordEncoder.encode_many (chunks of 256, serialization included)",
+          lambda: [fresh.encode_many(records[i:i + 256], 2) for i in range(0, len(records), 256)])
+    print(f"{len(lines)} records, {len(flat)} text segments; us per record:")
+    for name, us in times.items():
+        print(f"| {name} | {us:.2f} |")
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=400_000, help="total training records (split over domains)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs per configuration; medians reported")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N", help="time the stages on N records instead")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ltu_bench_preprocess"))
+    args = p.parse_args()
+
+    train, model, texts = prepare(args)
+    print(f"tokenizer {model}: {Tokenizer(model).vocab_size} pieces (requested {args.vocab_size}); "
+          f"python {platform.python_version()}, {os.cpu_count()} CPUs visible")
+    if args.breakdown:
+        breakdown(train, model, args.breakdown)
+        return
+    bins_path = os.path.join(os.path.dirname(train), "bins.json")
+    kinds = ("baseline", "fitted", "given")
+    times = {(k, w): [] for k in kinds for w in args.workers}
+    sizes, prefixes = {}, []
+    for _ in range(args.repeat):
         for workers in args.workers:
-            prefix = os.path.join(args.workdir, f"out_w{workers}_{'given' if given_bins else 'fit'}", "data")
-            config = PreprocessConfig(inputs=[os.path.join(logs, "train")], output_prefix=prefix,
-                                      tokenizer_model=model, workers=workers, append_eod=True,
-                                      chunk_size=args.chunk_size, progress=False,
-                                      reward_bins=bins_path if given_bins else None)
-            times, main_cpu, worker_cpu = [], [], []
-            for _ in range(args.repeat):
-                c, w, t = time.process_time(), _children_cpu(), time.perf_counter()
-                summary = preprocess(config)
-                times.append(time.perf_counter() - t)
-                main_cpu.append(time.process_time() - c)
-                worker_cpu.append(_children_cpu() - w)
-            best, median = min(times), statistics.median(times)
-            mode = "given (one pass)" if given_bins else "fitted (two passes)"
-            print(f"| {workers} | {mode} | {summary.records} | {summary.tokens} | {best:.2f} | {median:.2f} "
-                  f"| {summary.records / best:.0f} | {summary.tokens / best:.0f} "
-                  f"| {statistics.median(main_cpu):.2f} + {statistics.median(worker_cpu):.2f} |", flush=True)
-            prefixes.append(prefix)
-            if not given_bins:
-                shutil.copy(prefix + ".reward_bins.json", bins_path)
+            for kind in kinds:  # interleaved, so a change in the machine's load hits every kind alike
+                prefix = os.path.join(args.workdir, f"out_{kind}_w{workers}", "data")
+                os.makedirs(os.path.dirname(prefix), exist_ok=True)
+                t = time.perf_counter()
+                if kind == "baseline":
+                    sizes[kind] = run_baseline(texts, model, prefix, workers)
+                else:
+                    summary = preprocess(PreprocessConfig(
+                        inputs=[train], output_prefix=prefix, tokenizer_model=model, workers=workers,
+                        append_eod=True, chunk_size=args.chunk_size, progress=False,
+                        reward_bins=bins_path if kind == "given" else None))
+                    sizes[kind] = (summary.records, summary.tokens)
+                    prefixes.append(prefix)
+                times[(kind, workers)].append(time.perf_counter() - t)
+    print(f"medians of {args.repeat} interleaved runs; load average now {os.getloadavg()[0]:.2f}")
+    print("| workers | run | records | tokens | median s | runs s | records/s | tokens/s | x baseline |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for workers in args.workers:
+        base = statistics.median(times[("baseline", workers)])
+        for kind in kinds:
+            runs = times[(kind, workers)]
+            median = statistics.median(runs)
+            records, tokens = sizes[kind]
+            print(f"| {workers} | {kind} | {records} | {tokens} | {median:.2f} | "
+                  f"{' '.join(f'{r:.1f}' for r in runs)} | {records / median:.0f} | {tokens / median:.0f} | "
+                  f"{base / median:.2f} |", flush=True)
     for other in prefixes[1:]:
         for suffix in (".bin", ".idx", "_reward_mask.bin", "_reward_mask.idx"):
             assert filecmp.cmp(prefixes[0] + suffix, other + suffix, shallow=False), f"{other}{suffix} differs"
-    print("outputs identical across worker counts")
+    ours, theirs = IndexedDataset(prefixes[0]), IndexedDataset(os.path.join(args.workdir, "out_baseline_w1", "data"))
+    same = len(ours) == len(theirs) and np.array_equal(ours.sequence_lengths, theirs.sequence_lengths)
+    print("preprocess outputs identical across runs; baseline tokens "
+          + ("identical" if same and filecmp.cmp(prefixes[0] + ".bin", theirs.prefix + ".bin", shallow=False)
+             else "DIFFER (expected when a label's tokens merge with the text around them)"))
+    shutil.rmtree(os.path.join(args.workdir, "out_baseline_w1"), ignore_errors=True)
 
 
 if __name__ == "__main__":

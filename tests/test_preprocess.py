@@ -392,3 +392,30 @@ def test_tokenizer_record_cap_samples_every_input_file(env, tmp_path):
     # Half of the capped records came from the second file, so its characters are pieces of their own
     # (taking the first 40 records of the first file would have left them to byte fallback).
     assert all(tok.piece_to_id(ch) is not None for ch in "ζωήψυχ")
+
+
+@pytest.mark.parametrize("workers,given_bins", [(1, False), (2, True)])
+def test_batched_encoding_writes_the_bytes_of_records_encoded_one_by_one(env, tmp_path, workers, given_bins):
+    """A few thousand records of every domain (episodes, numeric rewards): the files equal those a
+    builder writes from each record encoded on its own, segment by segment."""
+    logs = tmp_path / "logs"
+    write_logs(SyntheticConfig(seed=9, train_per_domain=600, valid_per_domain=0, test_per_domain=0,
+                               domains=tuple(DOMAIN_REWARDS)), str(logs))
+    records = list(read_records([str(logs / "train")]))
+    bins = RewardBins.fit_records(records)
+    bins.save(str(tmp_path / "bins.json"))
+    encoder = RecordEncoder(env["tok"], bins)
+    from engine.data.indexed import IndexedDatasetBuilder
+    with IndexedDatasetBuilder(str(tmp_path / "ref.bin"), np.uint16) as tokens, \
+            IndexedDatasetBuilder(str(tmp_path / "ref_reward_mask.bin"), np.uint8) as masks:
+        for record in records:
+            encoded = encoder.encode(record)
+            tokens.add_item(np.append(encoded.tokens, env["tok"].eos_id).astype(np.uint16))
+            tokens.end_document()
+            masks.add_item(np.append(encoded.reward_mask(), 0).astype(np.uint8))
+            masks.end_document()
+    summary = run(env, [str(logs / "train")], tmp_path / "out" / "data", workers=workers, append_eod=True,
+                  chunk_size=256, reward_bins=str(tmp_path / "bins.json") if given_bins else None)
+    assert summary.records == len(records) == 3000 and summary.episodes == 600
+    for suffix in (".bin", ".idx", "_reward_mask.bin", "_reward_mask.idx"):
+        assert (tmp_path / "out" / f"data{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes(), suffix

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from engine.data.reward_bins import RewardBins
-from engine.data.sar import (REWARD_LABELS, SPECIAL_SYMBOLS, parse_record, reward_label, serialize_segments,
-                             serialize_text)
-from engine.data.synthetic import SyntheticConfig, generate
-from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
+from engine.data.sar import (REWARD_LABELS, SPECIAL_SYMBOLS, RecordError, parse_record, reward_label,
+                             serialize_segments, serialize_text)
+from engine.data.synthetic import DOMAIN_REWARDS, SyntheticConfig, generate
+from engine.data.tokenizer import RecordEncoder, Tokenizer, split_words, train_tokenizer
 
 
 def _records():
@@ -170,3 +170,79 @@ def test_training_creates_the_model_directory(corpus, tmp_path):
     tok = train_tokenizer(texts, str(path), vocab_size=400)
     assert path.is_file() and tok.is_single_token("<|reward|>")
     assert os.listdir(path.parent) == ["tok.model"]  # no temporary left beside it
+
+
+def _many_records():
+    """Thousands of records of every synthetic domain (episodes, numeric and binary rewards) plus
+    values that stress word cuts: runs of spaces, the SentencePiece whitespace character, characters
+    no tokenizer saw, marker-like text."""
+    config = SyntheticConfig(seed=11, train_per_domain=500, domains=tuple(DOMAIN_REWARDS), ood_domains=())
+    records = [parse_record(r, f"synthetic:{d}:{i}") for d in config.domains
+               for i, r in enumerate(generate(config, d, "train"))]
+    odd = [" ", "  ", " lead", "trail ", "a\u2581b", "\u2581\u2581x", "中文 中文", "☃  ☃", "<|state|> x", "|> <|", "x\ty"]
+    for i, value in enumerate(odd * 3):
+        records.append(parse_record({"domain": "ads/ctr", "state": {"q": value, "n": i, "f": i / 7},
+                                     "action": {"kw": odd[-1 - i % len(odd)]}, "reward": {"click": i % 2}},
+                                    f"odd:{i}"))
+    return records
+
+
+@pytest.fixture(scope="module")
+def many(corpus, tmp_path_factory):
+    records = _many_records()
+    bins = RewardBins.fit_records(records)
+    texts = [serialize_text(r, bins.classify) for r in records[:1500]]
+    tmp = tmp_path_factory.mktemp("many")
+    # No byte fallback: unseen characters become unknown tokens (a run of them merges into one).
+    no_fallback = train_tokenizer(texts, str(tmp / "nofb.model"), vocab_size=400, byte_fallback=False)
+    unigram = train_tokenizer(texts, str(tmp / "uni.model"), vocab_size=400, model_type="unigram")
+    return {"records": records, "bins": bins, "sym": corpus["sym"], "plain": corpus["plain"],
+            "nofb": no_fallback, "unigram": unigram}
+
+
+def test_which_models_split_into_words(many):
+    assert many["sym"].splits_into_words and many["nofb"].splits_into_words
+    # Dummy prefix and no marker symbols / unigram lattices: whole texts are encoded.
+    assert not many["plain"].splits_into_words and not many["unigram"].splits_into_words
+    assert split_words("<|domain|>a b  c\u2581d<|state|>") == ["<|domain|>", "a", " b", " ", " c", "\u2581d",
+                                                                "<|state|>"]
+
+
+@pytest.mark.parametrize("which", ["sym", "plain", "nofb", "unigram"])
+@pytest.mark.parametrize("add_bos,eod", [(False, None), (True, 2)])
+def test_encode_many_equals_records_encoded_one_by_one(many, which, add_bos, eod):
+    """The batched path (one SentencePiece call per chunk, words encoded once) gives the same tokens
+    and masks as encoding each record segment by segment, chunk after chunk with the same encoder."""
+    tok, records = many[which], many["records"]
+    reference = RecordEncoder(tok, many["bins"], add_bos=add_bos)
+    expected_tokens, expected_mask = [], []
+    for record in records:
+        encoded = reference.encode(record)
+        expected_tokens += encoded.tokens.tolist() + ([eod] if eod is not None else [])
+        expected_mask += encoded.reward_mask().tolist() + ([0] if eod is not None else [])
+    batched = RecordEncoder(tok, many["bins"], add_bos=add_bos)
+    tokens, masks, lengths = [], [], []
+    bounds = np.cumsum([0, 700, 1, 299, 700, 1000, len(records)]).clip(max=len(records))
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        t, m, outcome = batched.encode_many(records[start:end], eod, np.uint16, num_threads=2)
+        assert t.dtype == np.uint16 and m.dtype == np.uint8 and len(t) == len(m) == sum(outcome)
+        tokens.append(t)
+        masks.append(m)
+        lengths += outcome
+    assert np.concatenate(tokens).tolist() == expected_tokens
+    assert np.concatenate(masks).tolist() == expected_mask
+    assert len(lengths) == len(records)
+    if which == "nofb":
+        assert tok.unk_id in expected_tokens  # the unknown runs were exercised
+
+
+def test_encode_many_reports_records_the_bins_cannot_classify(many):
+    records = many["records"][:3] + [parse_record({"domain": "ads/ctr", "state": {}, "action": {},
+                                                   "reward": {"unseen": 1}}, "f.jsonl:9")] + many["records"][3:5]
+    encoder = RecordEncoder(many["sym"], many["bins"])
+    tokens, mask, outcomes = encoder.encode_many(records)
+    assert isinstance(outcomes[3], RecordError) and "f.jsonl:9: field 'reward.unseen'" in str(outcomes[3])
+    good = records[:3] + records[4:]
+    assert tokens.tolist() == [i for r in good for i in encoder.encode(r).tokens.tolist()]
+    assert [o for o in outcomes if isinstance(o, int)] == [len(encoder.encode(r).tokens) for r in good]
+    assert encoder.encode_many([])[0].size == 0

@@ -210,28 +210,32 @@ def scan_chunk(chunk: list) -> list:
 class ChunkEncoder:
     """Pass 2: parse, serialize and tokenize a chunk; tokens of the good records concatenated."""
 
-    def __init__(self, tokenizer_model: str, bins_json: dict, append_eod: bool, add_bos: bool, dtype: str):
+    def __init__(self, tokenizer_model: str, bins_json: dict, append_eod: bool, add_bos: bool, dtype: str,
+                 num_threads: int = 1):
+        self.num_threads = num_threads
         self.encoder = RecordEncoder(Tokenizer(tokenizer_model), RewardBins.from_json(bins_json), add_bos=add_bos)
         self.eod = self.encoder.tokenizer.eos_id if append_eod else None
         self.dtype = np.dtype(dtype)
 
     def __call__(self, chunk: list) -> tuple[np.ndarray, np.ndarray, list]:
-        tokens, masks, entries = [], [], []
+        records, entries = [], []
         for where, payload in chunk:
             try:
-                record = _parse(where, payload)
-                encoded = self.encoder.encode(record)
+                records.append(_parse(where, payload))
+                entries.append(None)  # filled in below once the record is encoded
             except RecordError as exc:
                 entries.append(("bad", where, str(exc)))
+        tokens, masks, outcomes = self.encoder.encode_many(records, self.eod, self.dtype, self.num_threads)
+        found = iter(zip(records, outcomes))
+        for index, entry in enumerate(entries):
+            if entry is not None:
                 continue
-            ids, mask = encoded.tokens, encoded.reward_mask()
-            if self.eod is not None:
-                ids, mask = np.append(ids, self.eod), np.append(mask, np.uint8(0))
-            tokens.append(ids.astype(self.dtype))
-            masks.append(mask)
-            entries.append(("ok", len(ids), record.domain, len(record.steps), record.episode))
-        cat = (lambda arrays, dt: np.concatenate(arrays) if arrays else np.zeros(0, dt))
-        return cat(tokens, self.dtype), cat(masks, np.uint8), entries
+            record, outcome = next(found)
+            if isinstance(outcome, RecordError):
+                entries[index] = ("bad", record.where, str(outcome))
+            else:
+                entries[index] = ("ok", outcome, record.domain, len(record.steps), record.episode)
+        return tokens, masks, entries
 
 
 _WORKER_TASK = None  # set once per worker process by _init_worker (the tokenizer is loaded there)

@@ -89,11 +89,13 @@ class SARRecord:
 
 
 def _reject_duplicates(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key '{key}'")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # rare: find the first repeated key for the message
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key '{key}'")
+            seen.add(key)
     return obj
 
 
@@ -157,27 +159,49 @@ def _parse_step(obj: Any, where: str, prefix: str, allow_other: bool = False) ->
     return Step(state=state, action=action, reward=reward)
 
 
+_SCALAR_TYPES = (str, int, bool, type(None))  # float is checked for finiteness
+_NUMBER_TYPES = (int, bool)
+
+
 def _parse_fields(obj: Any, where: str, path: str, reward: bool = False) -> dict:
-    if not isinstance(obj, dict):
+    if type(obj) is not dict and not isinstance(obj, dict):
         raise RecordError(where, path, f"must be an object of named fields, got {_type_name(obj)}")
-    out = {}
+    match_name, isfinite = _FIELD_RE.match, math.isfinite
+    # The common case (JSON's own types) is decided by exact type; anything else takes the checks
+    # below, which also name the problem.
+    if reward:
+        out = {}
+        for name, value in obj.items():
+            kind = type(value)
+            if match_name(name) and (kind is float and isfinite(value) or kind in _NUMBER_TYPES):
+                out[name] = float(value)
+            else:
+                out[name] = _checked_value(name, value, where, path, reward)
+        return out
     for name, value in obj.items():
-        field_path = f"{path}.{name}"
-        if not _FIELD_RE.match(name):
-            raise RecordError(where, field_path, f"field names must match {_FIELD_RE.pattern}")
-        if isinstance(value, (dict, list)):
-            raise RecordError(where, field_path, f"nested {_type_name(value)} is not supported: "
-                              "flatten it into named fields (e.g. 'user.age')")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RecordError(where, field_path, f"non-finite number {value!r}")
-        if reward:
-            if value is None or isinstance(value, str):
-                raise RecordError(where, field_path, f"a reward must be a number or a boolean, got {_type_name(value)}")
-            value = float(value)
-        elif not (value is None or isinstance(value, (str, int, float, bool))):
-            raise RecordError(where, field_path, f"unsupported value type {_type_name(value)}")
-        out[name] = value
-    return out
+        kind = type(value)
+        if not (match_name(name) and (kind in _SCALAR_TYPES or kind is float and isfinite(value))):
+            _checked_value(name, value, where, path, reward)
+    return dict(obj)
+
+
+def _checked_value(name: str, value: Any, where: str, path: str, reward: bool):
+    """A field's value as stored, or the RecordError that names what is wrong with it."""
+    field_path = f"{path}.{name}"
+    if not _FIELD_RE.match(name):
+        raise RecordError(where, field_path, f"field names must match {_FIELD_RE.pattern}")
+    if isinstance(value, (dict, list)):
+        raise RecordError(where, field_path, f"nested {_type_name(value)} is not supported: "
+                          "flatten it into named fields (e.g. 'user.age')")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(where, field_path, f"non-finite number {value!r}")
+    if reward:
+        if value is None or isinstance(value, str):
+            raise RecordError(where, field_path, f"a reward must be a number or a boolean, got {_type_name(value)}")
+        return float(value)
+    if not (value is None or isinstance(value, (str, int, float, bool))):
+        raise RecordError(where, field_path, f"unsupported value type {_type_name(value)}")
+    return value
 
 
 def _type_name(value: Any) -> str:
@@ -203,12 +227,17 @@ def format_value(value: Scalar, float_digits: int = FLOAT_DIGITS) -> str:
     return escape_value(value)
 
 
+_NEEDS_ESCAPE = re.compile(r"[\\\n\r;=]|<\|")
+
+
 _ESCAPES = (("\\", "\\\\"), ("\n", "\\n"), ("\r", "\\r"), (";", "\\;"), ("=", "\\="), ("<|", "<\\|"))
 _UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r", ";": ";", "=": "=", "|": "|"}
 
 
 def escape_value(text: str) -> str:
     """Backslash-escape so a value never contains ``<|`` nor an unescaped ``;``, ``=`` or newline."""
+    if _NEEDS_ESCAPE.search(text) is None:  # most values: nothing to escape
+        return text
     for raw, escaped in _ESCAPES:  # backslash first so later escapes are not doubled
         text = text.replace(raw, escaped)
     return text
@@ -248,31 +277,57 @@ Classifier = Callable[[str, str, float], int]
 
 
 def _fields_text(fields: dict, float_digits: int) -> str:
-    return FIELD_SEPARATOR.join(f"{k}{KEY_VALUE_SEPARATOR}{format_value(v, float_digits)}" for k, v in fields.items())
+    parts = []
+    for name, value in fields.items():
+        kind = type(value)  # JSON's own types first, without format_value's call
+        if kind is str:
+            text = value if _NEEDS_ESCAPE.search(value) is None else escape_value(value)
+        elif kind is int:
+            text = str(value)
+        else:
+            text = format_value(value, float_digits)
+        parts.append(f"{name}{KEY_VALUE_SEPARATOR}{text}")
+    return FIELD_SEPARATOR.join(parts)
 
 
-def serialize_segments(record: SARRecord, classify: Classifier, float_digits: int = FLOAT_DIGITS) -> list[Segment]:
-    """The record as alternating text and reward-label segments (text before every label, merged)."""
-    segments: list[Segment] = []
-    pending = [DOMAIN_MARKER, record.domain]
+def serialize_parts(record: SARRecord, classify: Classifier,
+                    float_digits: int = FLOAT_DIGITS) -> tuple[list[str], list[int]]:
+    """The record as (texts, classes): its text is ``texts[0] + label(classes[0]) + texts[1] + ...``.
+
+    Every reward is preceded by a non-empty text (at least its field name) and the record ends
+    with the label of its last reward, so the two lists have the same length.
+    """
+    texts: list[str] = []
+    classes: list[int] = []
+    domain = record.domain
+    pending = DOMAIN_MARKER + domain
     for step_index, step in enumerate(record.steps):
-        pending += [STATE_MARKER, _fields_text(step.state, float_digits),
-                    ACTION_MARKER, _fields_text(step.action, float_digits), REWARD_MARKER]
-        for i, (name, value) in enumerate(step.reward.items()):
-            if i:
-                pending.append(FIELD_SEPARATOR)
-            pending += [name, KEY_VALUE_SEPARATOR]
+        pending = (f"{pending}{STATE_MARKER}{_fields_text(step.state, float_digits)}"
+                   f"{ACTION_MARKER}{_fields_text(step.action, float_digits)}{REWARD_MARKER}")
+        for name, value in step.reward.items():
             try:
-                cls = classify(record.domain, name, value)
+                cls = classify(domain, name, value)
             except (KeyError, ValueError) as exc:
                 prefix = f"steps[{step_index}]." if record.episode else ""
                 reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
                 raise RecordError(record.where, f"{prefix}reward.{name}", str(reason)) from None
-            segments.append(Segment("".join(pending)))
-            pending = []
+            texts.append(f"{pending}{name}{KEY_VALUE_SEPARATOR}")
+            classes.append(cls)
+            pending = FIELD_SEPARATOR
+        pending = ""
+    return texts, classes
+
+
+def serialize_segments(record: SARRecord, classify: Classifier, float_digits: int = FLOAT_DIGITS) -> list[Segment]:
+    """The record as alternating text and reward-label segments (text before every label, merged)."""
+    texts, classes = serialize_parts(record, classify, float_digits)
+    segments: list[Segment] = []
+    parts = iter(zip(texts, classes))
+    for step_index, step in enumerate(record.steps):
+        for name in step.reward:
+            text, cls = next(parts)
+            segments.append(Segment(text))
             segments.append(Segment(reward_label(cls), step=step_index, field=name, label_class=cls))
-    if pending:
-        segments.append(Segment("".join(pending)))
     return segments
 
 

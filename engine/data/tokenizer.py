@@ -5,11 +5,19 @@ markers and reward labels as single user-defined tokens, or an existing Llama-2 
 that knows none of them) because a record is encoded segment by segment: the text before a reward
 label, the label, the text before the next label... and the ids are concatenated. A label's tokens
 are therefore exactly ``encode(label)`` wherever it appears, whatever the text around it.
+
+``RecordEncoder.encode_many`` gives the same tokens for many records at once: the text segments of
+all of them go to SentencePiece in one batch call, and short texts that repeat exactly (``; click=``)
+are encoded once per encoder. With a model where encoding never crosses a space or a segment marker
+(``splits_into_words``: BPE, identity normalization, markers as user-defined symbols; the models
+``train_tokenizer`` makes), the texts are cut into words there and each distinct word is encoded
+once: markers, field names and categorical values repeat across records.
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,9 +25,87 @@ import numpy as np
 import sentencepiece as spm
 
 from engine.data.reward_bins import RewardBins
-from engine.data.sar import (FLOAT_DIGITS, REWARD_LABELS, SPECIAL_SYMBOLS, SARRecord, Segment,
-                             serialize_segments)
+from engine.data.sar import (FLOAT_DIGITS, REWARD_LABELS, SEGMENT_MARKERS, SPECIAL_SYMBOLS, RecordError, SARRecord,
+                             Segment, serialize_parts, serialize_segments)
 from engine.fileio import atomic_open
+
+
+_PIECE_USER_DEFINED, _PIECE_TYPES_NOT_MERGED = 4, (2, 3, 6)  # unknown, control, byte
+_BPE = 2
+_WHITESPACE = ("\u2581", " ")
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _proto_fields(buf: bytes):
+    """(field number, value) of a protobuf message: ints for varints, bytes otherwise."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def splits_into_words(model_bytes: bytes) -> bool:
+    """Whether encoding a text equals concatenating the encodings of its words, where words are cut
+    before every space and around every segment marker (``<|state|>``...).
+
+    True for a BPE model whose normalization is the identity without a dummy prefix or whitespace
+    removal, whose markers are user-defined symbols (BPE never merges those with a neighbour), no
+    other user-defined symbol of which could span a cut, and no mergeable piece of which holds a
+    whitespace after its first character (so no merge crosses a cut before a space), and with the
+    whitespace piece itself. A model trained by ``train_tokenizer`` on text with spaces is one.
+    """
+    model_type, normalizer = 1, {}
+    pieces: list[tuple[str, int]] = []
+    for number, value in _proto_fields(model_bytes):
+        if number == 1:
+            fields = dict(_proto_fields(value))
+            pieces.append((fields.get(1, b"").decode("utf-8", "replace"), fields.get(3, 1)))
+        elif number == 2:
+            model_type = dict(_proto_fields(value)).get(3, 1)
+        elif number == 3:
+            normalizer = dict(_proto_fields(value))
+    if model_type != _BPE or normalizer.get(2, b"") or normalizer.get(3, 1) or normalizer.get(4, 1) \
+            or not normalizer.get(5, 1):
+        return False
+    user_defined = {piece for piece, kind in pieces if kind == _PIECE_USER_DEFINED}
+    # A word after a cut starts with a whitespace: it must be a known piece, or an unknown run
+    # ending the word before would merge with it into one unknown token.
+    if not set(SEGMENT_MARKERS) <= user_defined or (_WHITESPACE[0], 1) not in pieces:
+        return False
+    for piece in user_defined - set(SPECIAL_SYMBOLS):
+        if any(ch in piece for ch in "<|>" + "".join(_WHITESPACE)):
+            return False
+    return not any(any(ch in piece[1:] for ch in _WHITESPACE)
+                   for piece, kind in pieces if kind not in _PIECE_TYPES_NOT_MERGED + (_PIECE_USER_DEFINED,))
+
+
+_WORD_CUTS = re.compile("(" + "|".join(re.escape(m) for m in SEGMENT_MARKERS) + ")|(?=[ \u2581])")
+
+
+def split_words(text: str) -> list[str]:
+    """``text`` cut before every space and around every segment marker (no empty words)."""
+    return [word for word in _WORD_CUTS.split(text) if word]
 
 
 class Tokenizer:
@@ -34,6 +120,8 @@ class Tokenizer:
             self._sp.Load(model_path)
         except (OSError, RuntimeError) as exc:
             raise ValueError(f"{model_path}: not a SentencePiece model ({exc})") from None
+        with open(model_path, "rb") as fh:
+            self.splits_into_words = splits_into_words(fh.read())
 
     def __getstate__(self):  # worker processes re-load the model from its path
         return {"model_path": self.model_path}
@@ -149,11 +237,18 @@ class ScoringItem:
     target: int                         # the observed class
 
 
+# Texts (or words) up to this many characters are kept with their ids for reuse: they repeat exactly
+# (markers, field names, categorical values); longer ones rarely do.
+CACHED_TEXT_CHARS = 48
+CACHED_TEXTS = 1 << 18
+
+
 class RecordEncoder:
     """Serializes SAR records with reward bins and encodes them with exact reward spans."""
 
     def __init__(self, tokenizer: Tokenizer, bins: RewardBins, float_digits: int = FLOAT_DIGITS,
                  add_bos: bool = False):
+        self._known_ids: dict[str, list[int]] = {}  # of short texts (or words) seen before
         self.tokenizer = tokenizer
         self.bins = bins
         self.float_digits = float_digits
@@ -185,6 +280,88 @@ class RecordEncoder:
             else:
                 tokens.extend(self.tokenizer.encode(seg.text))
         return EncodedRecord(np.asarray(tokens, dtype=np.int64), tuple(spans))
+
+    def encode_many(self, records: list[SARRecord], eod_id: int | None = None, dtype=np.int64,
+                    num_threads: int = 1) -> tuple[np.ndarray, np.ndarray, list]:
+        """Tokens and reward masks of ``records``, each as ``encode(record)`` gives them (plus
+        ``eod_id`` at the end when given), concatenated in order.
+
+        Returns (tokens as ``dtype``, mask as uint8, outcomes): per record its number of tokens, or
+        the RecordError that serializing it raised (a reward the bins cannot classify); such a
+        record adds no tokens. ``num_threads`` is SentencePiece's for the batch.
+        """
+        texts: list[str] = []
+        classes: list[int] = []
+        outcomes: list = []
+        classify, digits = self.bins.classify, self.float_digits
+        for record in records:
+            try:
+                record_texts, record_classes = serialize_parts(record, classify, digits)
+            except RecordError as exc:
+                outcomes.append(exc)
+                continue
+            texts += record_texts
+            classes += record_classes
+            outcomes.append(len(record_texts))
+        text_ids = self._encode_texts(texts, num_threads)
+        # Pieces alternate text (mask 0) and label (mask 1), between an optional BOS and EOD (mask 0).
+        flat: list[int] = []
+        piece_lengths: list[int] = []
+        piece_is_label: list[bool] = []
+        label_ids, bos = self.label_ids, self.tokenizer.bos_id if self.add_bos else None
+        position = 0
+        for index, outcome in enumerate(outcomes):
+            if not isinstance(outcome, int):
+                continue
+            start = len(flat)
+            if bos is not None:
+                flat.append(bos)
+                piece_lengths.append(1)
+                piece_is_label.append(False)
+            for text, cls in zip(texts[position:position + outcome], classes[position:position + outcome]):
+                ids = text_ids[text]
+                label = label_ids[cls]
+                flat += ids
+                flat += label
+                piece_lengths += (len(ids), len(label))
+                piece_is_label += (False, True)
+            position += outcome
+            if eod_id is not None:
+                flat.append(eod_id)
+                piece_lengths.append(1)
+                piece_is_label.append(False)
+            outcomes[index] = len(flat) - start
+        tokens = np.array(flat, dtype=dtype)
+        mask = np.repeat(np.array(piece_is_label, dtype=np.uint8), piece_lengths)
+        return tokens, mask, outcomes
+
+    def _encode_texts(self, texts: list[str], num_threads: int) -> dict[str, list[int]]:
+        """Ids of every distinct text; what SentencePiece sees is one batch of the words (or texts)
+        not encoded before."""
+        unique = dict.fromkeys(texts)
+        known = self._known_ids
+        if self.tokenizer.splits_into_words:
+            words = {text: split_words(text) for text in unique}
+            missing = list(dict.fromkeys(w for ws in words.values() for w in ws if w not in known))
+        else:
+            words, missing = None, [t for t in unique if t not in known]
+        fresh = dict(zip(missing, self.tokenizer.encode_batch(missing, num_threads))) if missing else {}
+        for text in missing:
+            if len(text) <= CACHED_TEXT_CHARS and len(known) < CACHED_TEXTS:
+                known[text] = fresh[text]
+        out: dict[str, list[int]] = {}
+        if words is None:
+            for text in unique:
+                ids = fresh.get(text)
+                out[text] = known[text] if ids is None else ids
+            return out
+        for text, text_words in words.items():
+            ids: list[int] = []
+            for word in text_words:
+                word_ids = fresh.get(word)
+                ids += known[word] if word_ids is None else word_ids
+            out[text] = ids
+        return out
 
     def candidate_ids(self, domain: str, field: str) -> tuple[tuple[int, ...], ...]:
         """Token ids of every class label of a reward field, in class order."""
