@@ -49,8 +49,9 @@ class MegatronShapedEncoder:
         self.model = model
 
     def initializer(self):
-        self.tokenizer = Tokenizer(self.model)
-        self.eod = self.tokenizer.eos_id
+        # On the class, as Megatron does: imap pickles the bound method's instance for every chunk.
+        MegatronShapedEncoder.tokenizer = Tokenizer(self.model)
+        MegatronShapedEncoder.eod = MegatronShapedEncoder.tokenizer.eos_id
 
     def encode(self, line: str):
         text = json.loads(line)["text"]

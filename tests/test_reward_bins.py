@@ -125,3 +125,21 @@ def test_merge_unions_and_refuses_conflicts():
     c = RewardBins({("e", "cost"): FieldBins("quantile", (2.0,), 4)})
     with pytest.raises(ValueError, match="domain 'e' field 'cost' has different bins"):
         RewardBins.merge([b, c])
+
+
+def test_classify_many_equals_classify_one_by_one():
+    rng = np.random.default_rng(5)
+    values = {("ads", "cost"): rng.exponential(2.0, 300).round(1), ("ads", "click"): rng.integers(0, 2, 300),
+              ("feed", "time"): rng.normal(0, 1, 300)}
+    bins = RewardBins.fit(values, num_bins=4)
+    keys = list(values)
+    key_index = rng.integers(0, len(keys), 1000)
+    drawn = np.array([values[keys[k]][i % 300] for i, k in enumerate(key_index)], dtype=np.float64)
+    numeric = np.flatnonzero(key_index != keys.index(("ads", "click")))[:6]
+    drawn[numeric] = [-1e9, 1e9, 0.0, -0.0, bins.get("ads", "cost").edges[0], np.nextafter(2.0, 3.0)]  # beyond, at edges
+    expected = [bins.classify(*keys[k], v) for k, v in zip(key_index, drawn)]
+    assert bins.classify_many(keys, key_index, drawn).tolist() == expected
+    with pytest.raises(KeyError, match="no reward bins for domain 'shop' field 'buy'"):
+        bins.classify_many([("shop", "buy")], np.zeros(1, dtype=np.int64), np.ones(1))
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        bins.classify_many([("ads", "click")], np.zeros(1, dtype=np.int64), np.full(1, 0.5))

@@ -194,30 +194,21 @@ def _parse(where: str, payload: object):
 # --------------------------------------------------------------------------- work done in workers
 
 
-def scan_chunk(chunk: list) -> list:
-    """Pass 1 (fitting bins): per item, (where, error or None, [(domain, field, value)])."""
-    out = []
-    for where, payload in chunk:
-        try:
-            record = _parse(where, payload)
-        except RecordError as exc:
-            out.append((where, str(exc), None))
-            continue
-        out.append((where, None, [(record.domain, k, v) for s in record.steps for k, v in s.reward.items()]))
-    return out
-
-
 class ChunkEncoder:
-    """Pass 2: parse, serialize and tokenize a chunk; tokens of the good records concatenated."""
+    """Parse, serialize and tokenize a chunk. With bins: the good records' tokens and masks
+    concatenated, and an entry per item. Without (bins being fitted on the input): the tokens of
+    the records' texts and their rewards, for ``RecordEncoder.assemble`` once the bins exist."""
 
-    def __init__(self, tokenizer_model: str, bins_json: dict, append_eod: bool, add_bos: bool, dtype: str,
+    def __init__(self, tokenizer_model: str, bins_json: dict | None, append_eod: bool, add_bos: bool, dtype: str,
                  num_threads: int = 1):
-        self.num_threads = num_threads
-        self.encoder = RecordEncoder(Tokenizer(tokenizer_model), RewardBins.from_json(bins_json), add_bos=add_bos)
+        self.classify = bins_json is not None
+        bins = RewardBins.from_json(bins_json) if self.classify else RewardBins({})
+        self.encoder = RecordEncoder(Tokenizer(tokenizer_model), bins, add_bos=add_bos)
         self.eod = self.encoder.tokenizer.eos_id if append_eod else None
         self.dtype = np.dtype(dtype)
+        self.num_threads = num_threads
 
-    def __call__(self, chunk: list) -> tuple[np.ndarray, np.ndarray, list]:
+    def __call__(self, chunk: list) -> tuple:
         records, entries = [], []
         for where, payload in chunk:
             try:
@@ -225,17 +216,23 @@ class ChunkEncoder:
                 entries.append(None)  # filled in below once the record is encoded
             except RecordError as exc:
                 entries.append(("bad", where, str(exc)))
-        tokens, masks, outcomes = self.encoder.encode_many(records, self.eod, self.dtype, self.num_threads)
+        texts, outcomes = self.encoder.encode_texts(records, self.classify, self.num_threads, self.dtype)
         found = iter(zip(records, outcomes))
         for index, entry in enumerate(entries):
-            if entry is not None:
-                continue
-            record, outcome = next(found)
-            if isinstance(outcome, RecordError):
-                entries[index] = ("bad", record.where, str(outcome))
-            else:
-                entries[index] = ("ok", outcome, record.domain, len(record.steps), record.episode)
-        return tokens, masks, entries
+            if entry is None:
+                record, outcome = next(found)
+                entries[index] = ("bad", record.where, str(outcome)) if isinstance(outcome, RecordError) \
+                    else ("ok", outcome, record.domain, len(record.steps), record.episode)
+        if not self.classify:
+            return texts, entries
+        tokens, masks, lengths = self.encoder.assemble(texts, texts.classes, self.eod)
+        return tokens, masks, _with_lengths(entries, lengths)
+
+
+def _with_lengths(entries: list, lengths: np.ndarray) -> list:
+    """The entries of the good records with their numbers of tokens (in place of their rewards)."""
+    found = iter(lengths.tolist())
+    return [(e[0], next(found), *e[2:]) if e[0] == "ok" else e for e in entries]
 
 
 _WORKER_TASK = None  # set once per worker process by _init_worker (the tokenizer is loaded there)
@@ -335,25 +332,6 @@ def _bad_line(summary: PreprocessSummary, config: PreprocessConfig, where: str, 
         summary.bad_lines.append({"where": where, "error": error})
 
 
-def _fit_bins(paths: list[str], config: PreprocessConfig) -> RewardBins:
-    values: dict[tuple[str, str], array.array] = {}  # 8 bytes a value, not a Python float object
-    blank, bad = [0], 0
-    chunks = _chunks(iter_items(paths, config.obd, blank), config.chunk_size)
-    with contextlib.closing(_ordered_map(scan_chunk, None, chunks, config.workers)) as scanned:
-        for results in scanned:
-            for where, error, rewards in results:
-                if error is not None:
-                    if not config.skip_bad_lines:
-                        raise PreprocessError(f"{error} (use --skip-bad-lines to skip and count such lines)")
-                    bad += 1  # listed once, in the encoding pass
-                    continue
-                for domain, name, value in rewards:
-                    values.setdefault((domain, name), array.array("d")).append(value)
-    if not values:  # every valid record has a reward field
-        raise _no_records_error(paths, blank[0], bad, "fit reward bins on")
-    return RewardBins.fit({k: np.frombuffer(v, dtype=np.float64) for k, v in values.items()}, config.num_bins)
-
-
 def _no_records_error(paths: list[str], blank: int, bad: int, purpose: str) -> PreprocessError:
     """Which inputs had nothing usable, and why."""
     named = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
@@ -379,11 +357,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     if not os.path.basename(prefix):
         raise PreprocessError(f"output prefix {prefix!r} names a directory; add a file name prefix "
                               "(e.g. data/sar_train)")
-    bins = RewardBins.merge([RewardBins.load(p) for p in _bins_paths(config)]) if config.reward_bins \
-        else _fit_bins(paths, config)
+    bins = RewardBins.merge([RewardBins.load(p) for p in _bins_paths(config)]) if config.reward_bins else None
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
     try:  # validates the labels (and BOS) before any worker starts
-        encoder = RecordEncoder(tokenizer, bins, add_bos=config.add_bos)
+        encoder = RecordEncoder(tokenizer, bins or RewardBins({}), add_bos=config.add_bos)
     except ValueError as exc:
         raise PreprocessError(str(exc)) from None
 
@@ -401,7 +378,12 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype)
         mask_builder = IndexedDatasetBuilder(tmp_mask_prefix + ".bin", np.uint8)
         progress = _progress(config.progress)
-        _encode_and_write(config, paths, tokenizer, bins, dtype, builder, mask_builder, summary, blank, progress)
+        if bins is None:
+            bins = _encode_fitting_bins(config, paths, encoder, dtype, tmp_prefix + ".text_tokens", builder,
+                                        mask_builder, summary, blank, progress)
+            encoder.bins = bins
+        else:
+            _encode_and_write(config, paths, tokenizer, bins, dtype, builder, mask_builder, summary, blank, progress)
         if summary.records == 0:
             raise _no_records_error(paths, blank[0], summary.num_bad_lines, "write")
         summary.blank_lines = blank[0]
@@ -431,29 +413,81 @@ def _encode_and_write(config, paths, tokenizer, bins, dtype, builder, mask_build
     args = (config.tokenizer_model, bins.to_json(), config.append_eod, config.add_bos, dtype.name)
     with contextlib.closing(_ordered_map(ChunkEncoder, args, chunks, config.workers)) as encoded:
         for tokens, masks, entries in encoded:
-            offset = 0
             for entry in entries:
                 if entry[0] == "bad":
                     _bad_line(summary, config, entry[1], entry[2])
-                    continue
-                _, length, domain, steps, episode = entry
-                builder.add_item(tokens[offset:offset + length])
-                builder.end_document()
-                mask_builder.add_item(masks[offset:offset + length])
-                mask_builder.end_document()
-                offset += length
-                summary.records += 1
-                summary.episodes += int(episode)
-                summary.steps += steps
-                summary.tokens += length
-                summary.domains[domain] = summary.domains.get(domain, 0) + 1
-            summary.reward_tokens += int(masks.sum())
-            if tokenizer.unk_id is not None:
-                summary.unknown_tokens += int(np.count_nonzero(tokens == tokenizer.unk_id))
+            _write_chunk(tokens, masks, entries, tokenizer, builder, mask_builder, summary)
+            _advance(progress, len(entries), summary)
+
+
+def _encode_fitting_bins(config, paths, encoder, dtype, spill_path, builder, mask_builder, summary, blank,
+                         progress) -> RewardBins:
+    """One pass when the bins are fitted on the input: the records' texts are encoded while their
+    rewards are collected (the text before a label does not depend on its class); the text tokens
+    wait in ``spill_path`` until the bins are fitted, then get their labels and are written."""
+    chunks = _chunks(iter_items(paths, config.obd, blank), config.chunk_size)
+    args = (config.tokenizer_model, None, config.append_eod, config.add_bos, dtype.name)
+    values: dict[tuple[str, str], array.array] = {}  # 8 bytes a value, not a Python float object
+    stored = []  # per chunk: its texts without their tokens, and its entries
+    with open(spill_path, "wb") as spill, \
+            contextlib.closing(_ordered_map(ChunkEncoder, args, chunks, config.workers)) as encoded:
+        for texts, entries in encoded:
+            for entry in entries:
+                if entry[0] == "bad":
+                    _bad_line(summary, config, entry[1], entry[2])
+            for index, key in enumerate(texts.keys):
+                values.setdefault(key, array.array("d")).extend(texts.values[texts.key_index == index])
+            spill.write(texts.tokens.tobytes())
+            stored.append((len(texts.tokens), texts, entries))
+            texts.tokens = None
             if progress is not None:
                 progress.update(len(entries))
-                progress.set_postfix(tok_s=f"{summary.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}",
-                                     refresh=False)
+    if not values:  # every valid record has a reward field
+        raise _no_records_error(paths, blank[0], summary.num_bad_lines, "fit reward bins on")
+    bins = RewardBins.fit({k: np.frombuffer(v, dtype=np.float64) for k, v in values.items()}, config.num_bins)
+    del values
+    encoder = RecordEncoder(encoder.tokenizer, bins, add_bos=config.add_bos)
+    eod = encoder.tokenizer.eos_id if config.append_eod else None
+    spilled = np.memmap(spill_path, dtype=dtype, mode="r") if os.path.getsize(spill_path) else np.zeros(0, dtype)
+    offset = 0
+    for count, texts, entries in stored:
+        texts.tokens = np.asarray(spilled[offset:offset + count])
+        offset += count
+        tokens, masks, lengths = encoder.assemble(
+            texts, bins.classify_many(texts.keys, texts.key_index, texts.values), eod)
+        _write_chunk(tokens, masks, _with_lengths(entries, lengths), encoder.tokenizer, builder, mask_builder, summary)
+    del spilled
+    os.remove(spill_path)
+    return bins
+
+
+def _write_chunk(tokens, masks, entries, tokenizer, builder, mask_builder, summary) -> None:
+    """Appends the chunk's good records (``("ok", length, domain, steps, episode)`` entries) in order."""
+    offset = 0
+    for entry in entries:
+        if entry[0] == "bad":
+            continue
+        _, length, domain, steps, episode = entry
+        builder.add_item(tokens[offset:offset + length])
+        builder.end_document()
+        mask_builder.add_item(masks[offset:offset + length])
+        mask_builder.end_document()
+        offset += length
+        summary.records += 1
+        summary.episodes += int(episode)
+        summary.steps += steps
+        summary.tokens += length
+        summary.domains[domain] = summary.domains.get(domain, 0) + 1
+    summary.reward_tokens += int(masks.sum())
+    if tokenizer.unk_id is not None:
+        summary.unknown_tokens += int(np.count_nonzero(tokens == tokenizer.unk_id))
+
+
+def _advance(progress, items: int, summary: PreprocessSummary) -> None:
+    if progress is not None:
+        progress.update(items)
+        progress.set_postfix(tok_s=f"{summary.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}",
+                             refresh=False)
 
 
 def _bins_paths(config: PreprocessConfig) -> list[str]:

@@ -110,6 +110,16 @@ class RewardBins:
     def classify(self, domain: str, field: str, value: float) -> int:
         return self.get(domain, field).classify(value)
 
+    def classify_many(self, keys: list[tuple[str, str]], key_index: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Classes of many rewards at once: reward i is of field ``keys[key_index[i]]``, value
+        ``values[i]``; the same classes as ``classify`` one by one (an unknown field raises KeyError,
+        a value a binary field cannot hold ValueError)."""
+        classes = np.zeros(len(values), dtype=np.int64)
+        for index, (domain, field) in enumerate(keys):
+            where = key_index == index
+            classes[where] = self.get(domain, field).classify_array(values[where])
+        return classes
+
     def num_classes(self, domain: str, field: str) -> int:
         return self.get(domain, field).num_classes
 

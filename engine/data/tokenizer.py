@@ -243,6 +243,23 @@ CACHED_TEXT_CHARS = 48
 CACHED_TEXTS = 1 << 18
 
 
+def _unclassified(domain: str, field: str, value: float) -> int:
+    return 0  # a placeholder class while the bins are not fitted yet
+
+
+@dataclass
+class EncodedTexts:
+    """Tokens of the texts of records, each text the one before a reward label (see serialize_parts)."""
+
+    tokens: np.ndarray              # every text's ids, concatenated
+    text_lengths: np.ndarray        # per reward: tokens of the text before its label
+    rewards_per_record: np.ndarray  # per encoded record
+    classes: np.ndarray | None      # per reward, when classified with the encoder's bins
+    keys: list[tuple[str, str]]     # when not classified: the distinct (domain, field) ...
+    key_index: np.ndarray           # ... of each reward, and its value
+    values: np.ndarray
+
+
 class RecordEncoder:
     """Serializes SAR records with reward bins and encodes them with exact reward spans."""
 
@@ -290,50 +307,92 @@ class RecordEncoder:
         the RecordError that serializing it raised (a reward the bins cannot classify); such a
         record adds no tokens. ``num_threads`` is SentencePiece's for the batch.
         """
+        texts, outcomes = self.encode_texts(records, classify=True, num_threads=num_threads, dtype=dtype)
+        tokens, mask, lengths = self.assemble(texts, texts.classes, eod_id)
+        found = iter(lengths.tolist())
+        return tokens, mask, [o if isinstance(o, RecordError) else next(found) for o in outcomes]
+
+    def encode_texts(self, records: list[SARRecord], classify: bool = True, num_threads: int = 1,
+                     dtype=np.int64) -> tuple["EncodedTexts", list]:
+        """The tokens of the records' texts without their labels; ``assemble`` adds the labels.
+
+        With ``classify`` the rewards are classified with the encoder's bins (a reward they cannot
+        classify makes its record a RecordError in the outcomes, else the record's number of
+        rewards); without, each reward's (domain, field) and value are kept, to be classified once
+        bins are fitted on them.
+        """
         texts: list[str] = []
         classes: list[int] = []
+        keys: dict[tuple[str, str], int] = {}
+        key_index: list[int] = []
+        values: list[float] = []
         outcomes: list = []
-        classify, digits = self.bins.classify, self.float_digits
+        digits = self.float_digits
+        classifier = self.bins.classify if classify else _unclassified
         for record in records:
             try:
-                record_texts, record_classes = serialize_parts(record, classify, digits)
+                record_texts, record_classes = serialize_parts(record, classifier, digits)
             except RecordError as exc:
                 outcomes.append(exc)
                 continue
             texts += record_texts
-            classes += record_classes
             outcomes.append(len(record_texts))
-        text_ids = self._encode_texts(texts, num_threads)
-        # Pieces alternate text (mask 0) and label (mask 1), between an optional BOS and EOD (mask 0).
-        flat: list[int] = []
-        piece_lengths: list[int] = []
-        piece_is_label: list[bool] = []
-        label_ids, bos = self.label_ids, self.tokenizer.bos_id if self.add_bos else None
-        position = 0
-        for index, outcome in enumerate(outcomes):
-            if not isinstance(outcome, int):
+            if classify:
+                classes += record_classes
                 continue
-            start = len(flat)
-            if bos is not None:
-                flat.append(bos)
-                piece_lengths.append(1)
-                piece_is_label.append(False)
-            for text, cls in zip(texts[position:position + outcome], classes[position:position + outcome]):
-                ids = text_ids[text]
-                label = label_ids[cls]
-                flat += ids
-                flat += label
-                piece_lengths += (len(ids), len(label))
-                piece_is_label += (False, True)
-            position += outcome
-            if eod_id is not None:
-                flat.append(eod_id)
-                piece_lengths.append(1)
-                piece_is_label.append(False)
-            outcomes[index] = len(flat) - start
-        tokens = np.array(flat, dtype=dtype)
-        mask = np.repeat(np.array(piece_is_label, dtype=np.uint8), piece_lengths)
-        return tokens, mask, outcomes
+            domain = record.domain
+            for step in record.steps:
+                for name, value in step.reward.items():
+                    key_index.append(keys.setdefault((domain, name), len(keys)))
+                    values.append(value)
+        text_ids = self._encode_texts(texts, num_threads)
+        ids = [text_ids[t] for t in texts]
+        flat = [i for piece in ids for i in piece]
+        return EncodedTexts(
+            tokens=np.array(flat, dtype=dtype), text_lengths=np.array([len(p) for p in ids], dtype=np.int64),
+            rewards_per_record=np.array([o for o in outcomes if not isinstance(o, RecordError)], dtype=np.int64),
+            classes=np.array(classes, dtype=np.int64) if classify else None,
+            keys=list(keys), key_index=np.array(key_index, dtype=np.int64),
+            values=np.array(values, dtype=np.float64)), outcomes
+
+    def assemble(self, texts: "EncodedTexts", classes: np.ndarray, eod_id: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, reward mask, tokens per record) of encoded texts with the labels of ``classes``
+        (one per reward, in order) placed after their texts, BOS (when the encoder adds it) and
+        ``eod_id`` around each record."""
+        label_lengths = np.array([len(ids) for ids in self.label_ids], dtype=np.int64)
+        label_table = np.array([i for ids in self.label_ids for i in ids], dtype=texts.tokens.dtype)
+        label_starts = np.cumsum(label_lengths) - label_lengths
+        bos = self.tokenizer.bos_id if self.add_bos else None
+        extras = [t for t in (bos, eod_id) if t is not None]
+        source = np.concatenate([texts.tokens, label_table, np.array(extras, dtype=texts.tokens.dtype)])
+        # Pieces in output order: text, label, text, label... of each record, BOS and EOD around.
+        num_pairs = len(classes)
+        lengths = np.empty(2 * num_pairs, dtype=np.int64)
+        starts = np.empty(2 * num_pairs, dtype=np.int64)
+        lengths[0::2] = texts.text_lengths
+        starts[0::2] = np.cumsum(texts.text_lengths) - texts.text_lengths
+        lengths[1::2] = label_lengths[classes]
+        starts[1::2] = len(texts.tokens) + label_starts[classes]
+        is_label = np.tile(np.array([0, 1], dtype=np.uint8), num_pairs)
+        record_first_piece = 2 * (np.cumsum(texts.rewards_per_record) - texts.rewards_per_record)
+        record_end_piece = record_first_piece + 2 * texts.rewards_per_record
+        extra_start = len(texts.tokens) + len(label_table)
+        if eod_id is not None:
+            at = record_end_piece
+            lengths, starts = np.insert(lengths, at, 1), np.insert(starts, at, extra_start + len(extras) - 1)
+            is_label = np.insert(is_label, at, 0)
+            record_end_piece = record_end_piece + np.arange(1, len(at) + 1)
+            record_first_piece = record_first_piece + np.arange(len(at))
+        if bos is not None:
+            at = record_first_piece
+            lengths, starts = np.insert(lengths, at, 1), np.insert(starts, at, extra_start)
+            is_label = np.insert(is_label, at, 0)
+            record_end_piece = record_end_piece + np.arange(1, len(at) + 1)
+        ends = np.cumsum(lengths)
+        gather = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+        record_ends = ends[record_end_piece - 1] if len(record_end_piece) else np.zeros(0, dtype=np.int64)
+        return source[gather], np.repeat(is_label, lengths), np.diff(record_ends, prepend=0)
 
     def _encode_texts(self, texts: list[str], num_threads: int) -> dict[str, list[int]]:
         """Ids of every distinct text; what SentencePiece sees is one batch of the words (or texts)
