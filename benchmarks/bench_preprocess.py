@@ -135,8 +135,23 @@ def breakdown(train: str, model: str, limit: int) -> None:
     timed("RecordEncoder.encode + reward_mask (per record, per segment)",
           lambda: [e.reward_mask() for e in (encoder.encode(r) for r in records)])
     fresh = RecordEncoder(encoder.tokenizer, encoder.bins)
-    timed("RecordEncoder.encode_many (chunks of 256, serialization included)",
-          lambda: [fresh.encode_many(records[i:i + 256], 2) for i in range(0, len(records), 256)])
+    chunks = [records[i:i + 256] for i in range(0, len(records), 256)]
+    encoded = timed("encode_texts: serialization + words encoded once (chunks of 256)",
+                    lambda: [fresh.encode_texts(c, True, 1, np.uint16)[0] for c in chunks])
+    timed("assemble: labels, EOD, reward mask (numpy)", lambda: [fresh.assemble(t, t.classes, 2) for t in encoded])
+    with tempfile.TemporaryDirectory() as tmp:
+        builders = [IndexedDatasetBuilder(os.path.join(tmp, f"{n}.bin"), t) for n, t in (("t", np.uint16), ("m", np.uint8))]
+        sample = fresh.assemble(encoded[0], encoded[0].classes, 2)
+        lengths = sample[2].tolist() * len(encoded)
+
+        def write():
+            for length in lengths:
+                for builder, array in zip(builders, sample[:2]):
+                    builder.add_item(array[:length])
+                    builder.end_document()
+        timed("write: two builders, add_item + end_document", write)
+        for builder in builders:
+            builder.abort()
     print(f"{len(lines)} records, {len(flat)} text segments; us per record:")
     for name, us in times.items():
         print(f"| {name} | {us:.2f} |")

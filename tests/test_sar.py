@@ -167,3 +167,34 @@ def test_json_error_column_is_on_the_line_itself(ending):
     # An error inside the line keeps its own column (the stray ':' is character 11).
     with pytest.raises(RecordError, match=r"column 11\Z"):
         parse_json_line('{"domain":: "ads"}' + ending, WHERE)
+
+
+def test_fast_json_path_gives_json_objects_or_defers_to_json():
+    """Lines the fast parser (orjson, when installed) accepts decode to exactly json's objects;
+    repeated keys, NaN, huge integers and lone surrogates are left to json and its errors."""
+    import random
+    from engine.data.sar import _fast_loads, _reject_duplicates
+    rng = random.Random(2)
+    lines = []
+    for i in range(3000):
+        x = rng.uniform(-1e6, 1e6) * 10 ** rng.randint(-30, 30)
+        big = 2 ** rng.choice((10, 53, 62, 64))
+        quote_colon = '\\":' if i % 5 == 0 else ""  # a quote and colon inside a string value
+        obj = {"domain": "d", "state": {"f": x, "g": rng.randint(-big, big), "s": f"a{quote_colon}b{i} ✓"},
+               "action": {"e": float(f"{x:.{rng.randint(1, 17)}e}"), "z": -0.0}, "reward": {"r": rng.random()},
+               "meta": {"nested": [{"k": [1, {"k": 2}]}, None, True]}}
+        lines.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5, separators=(",", ":") if i % 2 else None))
+    deferred = ['{"a":1,"a":2}', '{"a" :1,"a":2}', '{"a":{"b":1,"b":2}}', '{"a":[{"b":1},{"b":1,"b":3}]}',
+                '{"a":NaN}', '{"a":123456789012345678901234567890}', '{"a":"\\ud800"}', '[1]', '{"a":1', '']
+    for line in lines + deferred:
+        fast = _fast_loads(line)
+        if fast is None:
+            continue
+        expected = json.loads(line, object_pairs_hook=_reject_duplicates, parse_constant=float)
+        assert repr(fast) == repr(expected) and fast == expected, line
+    assert all(_fast_loads(line) is None for line in deferred)
+    try:
+        import orjson  # noqa: F401
+    except ImportError:
+        return
+    assert sum(_fast_loads(line) is not None for line in lines) > 1000  # the fast path is taken

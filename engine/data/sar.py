@@ -27,6 +27,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
+try:  # a faster parser when installed (not a dependency); json gives the same objects otherwise
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
 Scalar = Union[str, int, float, bool, None]
 
 DOMAIN_MARKER = "<|domain|>"
@@ -99,11 +104,49 @@ def _reject_duplicates(pairs):
     return obj
 
 
+_WHITESPACE_BEFORE_COLON = re.compile(r"\s:")
+_LONG_DIGIT_RUN = re.compile(r"\d{19}")  # orjson reads integers beyond 64 bits as floats
+
+
+def _fast_loads(line: str):
+    """The line's object by orjson when that is certainly json's: parsed, and without repeated keys.
+
+    A key ends in ``":`` unless whitespace precedes its colon; without any whitespace before a
+    colon, the line holds at least as many ``":`` as keys, and the parsed objects hold fewer
+    keys than the line when one repeats. So equal counts prove no key repeats. Anything else
+    (invalid JSON, NaN literals, 19 digits in a row, lone surrogates, a count that differs) is
+    None: json parses it, with its errors.
+    """
+    if _orjson is None or _LONG_DIGIT_RUN.search(line):
+        return None
+    try:
+        obj = _orjson.loads(line)
+    except _orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict or _WHITESPACE_BEFORE_COLON.search(line) or line.count('":') != _num_keys(obj):
+        return None
+    return obj
+
+
+def _num_keys(obj: dict) -> int:
+    count, pending = 0, [obj]
+    while pending:
+        item = pending.pop()
+        values = item.values() if type(item) is dict else item
+        if type(item) is dict:
+            count += len(item)
+        pending += [v for v in values if type(v) is dict or type(v) is list]
+    return count
+
+
 def parse_json_line(line: str, where: str) -> SARRecord:
     """Parse and validate one JSON Lines record; ``where`` is ``file:line`` for error messages."""
     # Without its line ending, an error at the end of the line (a missing '}') is reported on this
     # line, at its column, instead of at column 1 of the line after it.
     line = line.rstrip("\r\n")
+    obj = _fast_loads(line)
+    if obj is not None:
+        return parse_record(obj, where)
     try:
         # NaN/Infinity literals parse to floats so validation can name the field that holds them.
         obj = json.loads(line, object_pairs_hook=_reject_duplicates, parse_constant=float)
