@@ -104,8 +104,7 @@ def _reject_duplicates(pairs):
     return obj
 
 
-_WHITESPACE_BEFORE_COLON = re.compile(r"\s:")
-_LONG_DIGIT_RUN = re.compile(r"\d{19}")  # orjson reads integers beyond 64 bits as floats
+_BEYOND_64_BITS = float(2 ** 63)  # orjson reads integers beyond 64 bits as floats at least this large
 
 
 def _fast_loads(line: str):
@@ -114,28 +113,34 @@ def _fast_loads(line: str):
     A key ends in ``":`` unless whitespace precedes its colon; without any whitespace before a
     colon, the line holds at least as many ``":`` as keys, and the parsed objects hold fewer
     keys than the line when one repeats. So equal counts prove no key repeats. Anything else
-    (invalid JSON, NaN literals, 19 digits in a row, lone surrogates, a count that differs) is
-    None: json parses it, with its errors.
+    (invalid JSON, NaN literals, lone surrogates, a float of 2**63 or more, which may have been
+    a huge integer, a count that differs) is None: json parses it, with its errors.
     """
-    if _orjson is None or _LONG_DIGIT_RUN.search(line):
+    if _orjson is None or " :" in line or "\t:" in line or "\n:" in line or "\r:" in line:
         return None
     try:
         obj = _orjson.loads(line)
     except _orjson.JSONDecodeError:
         return None
-    if type(obj) is not dict or _WHITESPACE_BEFORE_COLON.search(line) or line.count('":') != _num_keys(obj):
+    if type(obj) is not dict or line.count('":') != _num_keys(obj):
         return None
     return obj
 
 
 def _num_keys(obj: dict) -> int:
+    """Keys of the objects in ``obj``, or -1 when it holds a float that may be a huge integer."""
     count, pending = 0, [obj]
     while pending:
         item = pending.pop()
-        values = item.values() if type(item) is dict else item
         if type(item) is dict:
             count += len(item)
-        pending += [v for v in values if type(v) is dict or type(v) is list]
+            item = item.values()
+        for value in item:
+            kind = type(value)
+            if kind is dict or kind is list:
+                pending.append(value)
+            elif kind is float and not -_BEYOND_64_BITS < value < _BEYOND_64_BITS:
+                return -1
     return count
 
 
