@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -170,6 +171,12 @@ def breakdown(train: str, model: str, limit: int) -> None:
 # --------------------------------------------------------------------------- the comparison
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the workers of ended pools)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=400_000, help="total training records (split over domains)")
@@ -190,13 +197,14 @@ def main() -> None:
     bins_path = os.path.join(os.path.dirname(train), "bins.json")
     kinds = ("baseline", "fitted", "given")
     times = {(k, w): [] for k in kinds for w in args.workers}
+    cpu = {(k, w): [] for k in kinds for w in args.workers}  # main + worker processes: steadier under load
     sizes, prefixes = {}, []
     for _ in range(args.repeat):
         for workers in args.workers:
             for kind in kinds:  # interleaved, so a change in the machine's load hits every kind alike
                 prefix = os.path.join(args.workdir, f"out_{kind}_w{workers}", "data")
                 os.makedirs(os.path.dirname(prefix), exist_ok=True)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), _cpu_seconds()
                 if kind == "baseline":
                     sizes[kind] = run_baseline(texts, model, prefix, workers)
                 else:
@@ -207,18 +215,22 @@ def main() -> None:
                     sizes[kind] = (summary.records, summary.tokens)
                     prefixes.append(prefix)
                 times[(kind, workers)].append(time.perf_counter() - t)
+                cpu[(kind, workers)].append(_cpu_seconds() - c)
     print(f"medians of {args.repeat} interleaved runs; load average now {os.getloadavg()[0]:.2f}")
-    print("| workers | run | records | tokens | median s | runs s | records/s | tokens/s | x baseline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workers | run | records | tokens | median s | runs s | records/s | tokens/s | x baseline "
+          "| CPU s (median) | x baseline CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for workers in args.workers:
         base = statistics.median(times[("baseline", workers)])
+        base_cpu = statistics.median(cpu[("baseline", workers)])
         for kind in kinds:
             runs = times[(kind, workers)]
             median = statistics.median(runs)
             records, tokens = sizes[kind]
             print(f"| {workers} | {kind} | {records} | {tokens} | {median:.2f} | "
                   f"{' '.join(f'{r:.1f}' for r in runs)} | {records / median:.0f} | {tokens / median:.0f} | "
-                  f"{base / median:.2f} |", flush=True)
+                  f"{base / median:.2f} | {statistics.median(cpu[(kind, workers)]):.1f} "
+                  f"| {base_cpu / statistics.median(cpu[(kind, workers)]):.2f} |", flush=True)
     for other in prefixes[1:]:
         for suffix in (".bin", ".idx", "_reward_mask.bin", "_reward_mask.idx"):
             assert filecmp.cmp(prefixes[0] + suffix, other + suffix, shallow=False), f"{other}{suffix} differs"
