@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import LlamaConfig
+from engine.model.hf import engine_to_hf_name
 from engine.parallel.collectives import all_gather_along, reduce_scatter_along
 from engine.parallel.layout import is_vocab_parallel
 from engine.parallel.state import init_parallel, single_process_state
@@ -132,9 +133,8 @@ def build_hf(config: LlamaConfig, engine_model):
     hf_config = transformers.LlamaConfig(**config.to_hf_dict())
     hf_config._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(hf_config).float()
-    # Engine names are HF names without the "model." prefix (lm_head.weight as is); the engine pads
-    # the vocabulary rows to a multiple of 128, HF does not.
-    weights = {(n if n == "lm_head.weight" else "model." + n): p.detach()[:config.vocab_size].clone()
+    # The engine pads the vocabulary rows to a multiple of 128, HF does not.
+    weights = {engine_to_hf_name(n): p.detach()[:config.vocab_size].clone()
                if is_vocab_parallel(n) else p.detach().clone() for n, p in engine_model.named_parameters()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -19,14 +19,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer of at least ``minimum``, else a usage error saying so."""
+def int_at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``, else a usage error saying so
+    (``expected <what>, got ...`` when ``what`` names the value, e.g. "a positive integer")."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what or 'an integer'}, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            message = f"expected {what}, got {value}" if what else f"must be at least {minimum}, got {value}"
+            raise argparse.ArgumentTypeError(message)
         return value
     return parse

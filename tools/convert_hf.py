@@ -13,28 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine.cli import int_at_least
 from engine.convert.sharded import OutputExistsError, describe, export_hf, import_hf
 from engine.fileio import Interrupted, signals_raise_interrupted
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an iteration number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an iteration number >= 0, got {value}")
-    return value
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0, "an iteration number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

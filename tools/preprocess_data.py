@@ -13,26 +13,15 @@ import argparse
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
+from engine.cli import int_at_least
 from engine.data.obd import ObdOptions
 from engine.data.preprocess import PreprocessConfig, preprocess
 from engine.data.reward_bins import DEFAULT_NUM_BINS
 from engine.fileio import Interrupted, signals_raise_interrupted
 
 
-def _int_at_least(low: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-    return parse
-
-
-positive_int = _int_at_least(1, "a positive integer")
-non_negative_int = _int_at_least(0, "an integer >= 0")
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0, "an integer >= 0")
 
 
 def main(argv=None) -> int:
