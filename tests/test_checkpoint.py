@@ -478,14 +478,14 @@ def test_first_save_killed_leaves_no_checkpoint(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ distributed save
 def _distributed_save(rank, world_size, root):
     """Each rank of a TP=2 x PP=2 engine model (tied embeddings) saves its own parameters."""
-    from engine.parallel.layout import stage_layers
+    from engine.parallel.layout import PipelineLayout
     from engine.parallel.state import init_parallel
     from engine.parallel.tensor_parallel import build_parallel_llama
 
     config = tiny_config(tied=True)
     state = init_parallel(tp=2, pp=2)
     t, p = state.tp_rank, state.pp_rank
-    model = build_parallel_llama(config, state, seed=5, layer_ids=stage_layers(4, 2)[p],
+    model = build_parallel_llama(config, state, seed=5, layer_ids=PipelineLayout(4, 2).chunk_layers(p),
                                  has_embedding=p == 0, has_head=p == 1)
     mine = {n: param.detach() for n, param in model.named_parameters()}
     moments = {n: {"master": v.float(), "exp_avg": 2 * v.float()} for n, v in mine.items()}

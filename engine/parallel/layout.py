@@ -12,6 +12,7 @@ Parameter names are layout-independent and follow Hugging Face Llama without the
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # Output features split over TP ranks (column parallel): shard dim 0.
 _COLUMN = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.weight$")
@@ -60,30 +61,129 @@ def canonical_order(names) -> list[str]:
     return sorted(names, key=key)
 
 
-def stage_layers(num_layers: int, pp: int) -> list[range]:
-    """Global layer indices held by each pipeline stage: contiguous, equal-sized."""
-    if pp < 1 or num_layers % pp:
-        raise ValueError(f"pipeline-parallel size {pp} must divide the number of layers {num_layers}")
-    per = num_layers // pp
-    return [range(s * per, (s + 1) * per) for s in range(pp)]
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Which pipeline rank and model chunk holds each layer: the one pipeline table.
+
+    Layers are split evenly over ``pp`` ranks and, with ``virtual_stages`` v > 1, into v chunks per
+    rank in the interleaved order: with P ranks, chunk c of rank p holds ``L/(P*v)`` layers starting
+    at ``c*L/v + p*L/(P*v)``, so the virtual stages 0..P*v-1 run rank 0 chunk 0, rank 1 chunk 0, ...,
+    rank P-1 chunk 0, rank 0 chunk 1, ... The first virtual stage (rank 0, chunk 0) holds the
+    embedding, the last (rank P-1, chunk v-1) the final norm and the head, and with tied embeddings a
+    copy of the embedding for the head (its gradient is summed with the first stage's).
+
+    Model builders (:meth:`chunk_spec`), checkpoints (:meth:`ranks_of`, :meth:`rank_names`) and the
+    converters read the placement from here only; checkpoint.json records :meth:`to_dict`.
+    """
+
+    num_layers: int
+    pp: int = 1
+    virtual_stages: int = 1
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        for what, value in (("number of layers", self.num_layers), ("pipeline-parallel size", self.pp),
+                            ("parallel.virtual_stages", self.virtual_stages)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        if self.num_layers % self.pp:
+            raise ValueError(f"pipeline-parallel size {self.pp} does not divide the number of layers "
+                             f"(num_hidden_layers={self.num_layers})")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise ValueError(f"parallel.virtual_stages {self.virtual_stages} needs pipeline parallelism "
+                             "(parallel.pp >= 2): interleaving splits each pipeline rank's layers")
+        if self.num_layers % (self.pp * self.virtual_stages):
+            raise ValueError(f"parallel.virtual_stages {self.virtual_stages} x pipeline-parallel size "
+                             f"{self.pp} does not divide the number of layers "
+                             f"(num_hidden_layers={self.num_layers})")
+
+    @property
+    def layers_per_chunk(self) -> int:
+        return self.num_layers // (self.pp * self.virtual_stages)
+
+    @property
+    def num_virtual_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def _check_place(self, pp_rank: int, chunk: int) -> None:
+        if not (0 <= pp_rank < self.pp and 0 <= chunk < self.virtual_stages):
+            raise ValueError(f"(pipeline rank {pp_rank}, chunk {chunk}) outside the layout of "
+                             f"{self.pp} rank(s) x {self.virtual_stages} chunk(s)")
+
+    def chunk_layers(self, pp_rank: int, chunk: int = 0) -> range:
+        """Global indices of the layers of ``chunk`` on pipeline rank ``pp_rank``."""
+        self._check_place(pp_rank, chunk)
+        start = (chunk * self.pp + pp_rank) * self.layers_per_chunk
+        return range(start, start + self.layers_per_chunk)
+
+    def rank_layers(self, pp_rank: int) -> list[int]:
+        """Every layer pipeline rank ``pp_rank`` holds, over all its chunks, ascending."""
+        return [i for c in range(self.virtual_stages) for i in self.chunk_layers(pp_rank, c)]
+
+    def layer_place(self, layer: int) -> tuple[int, int]:
+        """(pipeline rank, chunk) holding global layer ``layer``."""
+        if not 0 <= layer < self.num_layers:
+            raise KeyError(f"layer {layer} outside 0..{self.num_layers - 1}")
+        stage = layer // self.layers_per_chunk  # virtual stage
+        return stage % self.pp, stage // self.pp
+
+    def holds_embedding(self, pp_rank: int, chunk: int = 0) -> bool:
+        return pp_rank == 0 and chunk == 0
+
+    def holds_head(self, pp_rank: int, chunk: int = 0) -> bool:
+        return pp_rank == self.pp - 1 and chunk == self.virtual_stages - 1
+
+    def chunk_spec(self, pp_rank: int, chunk: int = 0) -> dict:
+        """Keyword arguments of :class:`engine.model.llama.Llama` that build this chunk."""
+        return {"layer_ids": self.chunk_layers(pp_rank, chunk),
+                "has_embedding": self.holds_embedding(pp_rank, chunk),
+                "has_head": self.holds_head(pp_rank, chunk)}
+
+    def ranks_of(self, name: str) -> list[int]:
+        """Pipeline ranks that hold parameter ``name``: layers where the table puts them, the
+        embedding on the first rank (and the last too with tied embeddings), norm and head on the last."""
+        idx = layer_index(name)
+        if idx is not None:
+            return [self.layer_place(idx)[0]]
+        if name == "embed_tokens.weight":
+            return sorted({0, self.pp - 1}) if self.tie_word_embeddings else [0]
+        if name in ("norm.weight", "lm_head.weight"):
+            return [self.pp - 1]
+        raise KeyError(f"unknown parameter name {name!r}: no pipeline stage for it")
+
+    def rank_names(self, names, pp_rank: int) -> list[str]:
+        """Those of ``names`` that pipeline rank ``pp_rank`` holds, in canonical order."""
+        return [n for n in canonical_order(names) if pp_rank in self.ranks_of(n)]
+
+    def is_tied_copy(self, name: str, pp_rank: int) -> bool:
+        """True for the head's copy of a tied embedding on the last rank (PP > 1): the same tensor
+        as the first rank's, so norms and checkpoints count it once."""
+        return name == "embed_tokens.weight" and self.tie_word_embeddings and self.pp > 1 and pp_rank == self.pp - 1
+
+    def to_dict(self) -> dict:
+        """What checkpoint.json records: sizes and, per global layer, its [pipeline rank, chunk]."""
+        return {"pp": self.pp, "virtual_stages": self.virtual_stages,
+                "layers": [list(self.layer_place(i)) for i in range(self.num_layers)]}
+
+    @classmethod
+    def from_dict(cls, record, num_layers: int, tie_word_embeddings: bool) -> "PipelineLayout":
+        """The layout a checkpoint recorded, refused by name when its placement is not this table's."""
+        if not isinstance(record, dict):
+            raise ValueError(f"pipeline layout must be a mapping, got {record!r}")
+        try:
+            layout = cls(num_layers, int(record["pp"]), int(record.get("virtual_stages", 1)), tie_word_embeddings)
+        except KeyError as e:
+            raise ValueError(f"pipeline layout: missing field {e}") from None
+        if "layers" in record and record["layers"] != layout.to_dict()["layers"]:
+            raise ValueError(f"pipeline layout: the recorded placement of layers {record['layers']!r} is not "
+                             f"the even interleaved split of {num_layers} layers over pp {layout.pp} x "
+                             f"virtual_stages {layout.virtual_stages}")
+        return layout
 
 
 def stage_of(name: str, num_layers: int, pp: int, tie_word_embeddings: bool = False) -> list[int]:
-    """Pipeline stages that hold a parameter: embeddings on the first, norm and head on the last.
-
-    With tied embeddings the last stage also holds a copy of ``embed_tokens.weight`` for its head
-    (gradients of the two copies are summed across the first and last stage, as in Megatron).
-    """
-    idx = layer_index(name)
-    if idx is not None:
-        if not 0 <= idx < num_layers:
-            raise KeyError(f"{name!r}: layer {idx} outside 0..{num_layers - 1}")
-        return [idx // (num_layers // pp)]
-    if name == "embed_tokens.weight":
-        return sorted({0, pp - 1}) if tie_word_embeddings else [0]
-    if name in ("norm.weight", "lm_head.weight"):
-        return [pp - 1]
-    raise KeyError(f"unknown parameter name {name!r}: no pipeline stage for it")
+    """Pipeline ranks holding a parameter in the contiguous (one chunk per rank) layout."""
+    return PipelineLayout(num_layers, pp, 1, tie_word_embeddings).ranks_of(name)
 
 
 def vocab_shard_range(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int]:

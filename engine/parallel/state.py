@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.parallel.layout import PipelineLayout
+
 
 @dataclass(frozen=True)
 class RankLayout:
@@ -84,7 +86,7 @@ def rank_layout(world_size: int, tp: int, pp: int, dp: int | None = None) -> Ran
 
 
 def validate_layout(config: Any, tp: int, pp: int = 1, dp: int | None = None,
-                    world_size: int | None = None) -> None:
+                    world_size: int | None = None, virtual_stages: int = 1) -> None:
     """Refuse, by name and before any work, a layout the model cannot be split into.
 
     ``config`` needs ``num_attention_heads``, ``num_key_value_heads`` and ``num_hidden_layers``
@@ -102,9 +104,7 @@ def validate_layout(config: Any, tp: int, pp: int = 1, dp: int | None = None,
     if config.intermediate_size % tp:
         raise ValueError(f"tensor-parallel size {tp} does not divide the MLP width "
                          f"(intermediate_size={config.intermediate_size})")
-    if config.num_hidden_layers % pp:
-        raise ValueError(f"pipeline-parallel size {pp} does not divide the number of layers "
-                         f"(num_hidden_layers={config.num_hidden_layers})")
+    PipelineLayout(config.num_hidden_layers, pp, virtual_stages)  # raises, naming what does not divide
 
 
 @dataclass(frozen=True)
