@@ -49,12 +49,19 @@ def ref_shard(name, full, vocab, tp, r):
     return full
 
 
-def ref_stage_names(config, pp, stage):
-    per = config.num_hidden_layers // pp
+def ref_rank_layers(num_layers, pp, rank, virtual_stages=1):
+    """Layers of pipeline rank ``rank``: chunk c holds L/(P*v) layers from c*L/v + rank*L/(P*v)."""
+    per_chunk = num_layers // (pp * virtual_stages)
+    return {c * num_layers // virtual_stages + rank * per_chunk + j
+            for c in range(virtual_stages) for j in range(per_chunk)}
+
+
+def ref_stage_names(config, pp, stage, virtual_stages=1):
+    layers = ref_rank_layers(config.num_hidden_layers, pp, stage, virtual_stages)
     out = set()
     for name in expected_shapes(config):
         if name.startswith("layers."):
-            if int(name.split(".")[1]) // per == stage:
+            if int(name.split(".")[1]) in layers:
                 out.add(name)
         elif name == "embed_tokens.weight":
             if stage == 0 or (config.tie_word_embeddings and stage == pp - 1):
@@ -64,9 +71,9 @@ def ref_stage_names(config, pp, stage):
     return out
 
 
-def ref_rank_states(config, full, tp, pp):
+def ref_rank_states(config, full, tp, pp, virtual_stages=1):
     return {(t, p): {n: ref_shard(n, full[n], config.vocab_size, tp, t).clone()
-                     for n in ref_stage_names(config, pp, p)}
+                     for n in ref_stage_names(config, pp, p, virtual_stages)}
             for t in range(tp) for p in range(pp)}
 
 
@@ -193,13 +200,13 @@ def random_optimizer_full(config, seed=10):
     return {k: random_full(config, seed=seed + i) for i, k in enumerate(KINDS)}
 
 
-def ref_optimizer_states(config, full_by_kind, tp, pp, padding_value=0.0):
+def ref_optimizer_states(config, full_by_kind, tp, pp, padding_value=0.0, virtual_stages=1):
     """{(t, p): {name: {kind: shard}}} by plain slicing; vocabulary padding rows set to padding_value."""
     out = {}
     for t in range(tp):
         for p in range(pp):
             out[(t, p)] = {}
-            for n in ref_stage_names(config, pp, p):
+            for n in ref_stage_names(config, pp, p, virtual_stages):
                 out[(t, p)][n] = {}
                 for k in KINDS:
                     shard = ref_shard(n, full_by_kind[k][n], config.vocab_size, tp, t).clone()

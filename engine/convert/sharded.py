@@ -24,7 +24,7 @@ from engine.model.hf import engine_to_hf_name, plan_hf_tensors, read_hf_shard
 from engine.fileio import (make_parent_dirs, progress_bar, remove_empty_dirs, remove_stale_temporaries,
                            replace_dir, temporary_name, write_json_atomic)
 from engine.model.config import LlamaConfig
-from engine.parallel.layout import stage_of, tp_shard_dim
+from engine.parallel.layout import tp_shard_dim
 from engine.parallel.state import validate_layout
 from engine.train.checkpoint import (CHECKPOINT_JSON, CheckpointError, CheckpointWriter, dominant_dtype, iteration_dir_name,
                                      open_checkpoint, read_full_tensor)
@@ -122,7 +122,9 @@ def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------ import
 def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
               dtype: str | torch.dtype | None = None, progress: bool = True, force: bool = False) -> Path:
-    """Convert a HF Llama directory into an engine checkpoint (iteration 0) for TP=``tp`` x PP=``pp``.
+    """Convert a HF Llama directory into an engine checkpoint (iteration 0) for TP=``tp`` x PP=``pp``
+    in the contiguous pipeline layout (one chunk per rank); a run with virtual stages loads it by
+    parameter name (:func:`engine.train.checkpoint.load_rank_shard`).
 
     ``dtype`` casts floating tensors (default: keep each tensor's dtype, so export gives the same
     bits back). Returns the published ``iter_0000000`` directory.
@@ -150,7 +152,7 @@ def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 
         with progress_bar(total=total, unit="B", unit_scale=True, desc="import", disable=not progress) as bar:
             for name in order:
                 hf_name, path, info = plan[name]
-                stages = stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings)
+                stages = ckpt.pipeline.ranks_of(name)
                 for t in range(tp):
                     shard = read_hf_shard(name, path, info, tp, t).to(dtypes[name])
                     if name == "embed_tokens.weight" and tied_head is not None:
@@ -262,7 +264,9 @@ def describe(path: str | os.PathLike) -> str:
     c = ckpt.config
     dp = ckpt.layout.get("dp")
     optimizer = f"optimizer state ({', '.join(ckpt.optimizer_kinds)})" if ckpt.has_optimizer else "no optimizer state"
+    virtual = ckpt.pipeline.virtual_stages
     return (f"{ckpt.path}: iteration {ckpt.iteration}, TP={ckpt.tp} x PP={ckpt.pp}"
+            f"{f' x {virtual} virtual stages' if virtual > 1 else ''}"
             f"{f' (saved at DP={dp})' if dp else ''}, {optimizer}, "
             f"{params / 1e6:.1f}M parameters, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
             f"heads {c.num_attention_heads}/{c.num_key_value_heads}, vocab {c.vocab_size} "

@@ -24,8 +24,8 @@ from safetensors import safe_open
 
 from engine.model.config import LlamaConfig, config_differences
 from engine.model.llama import Llama, expected_shapes
-from engine.parallel.layout import (canonical_order, is_vocab_parallel, pad_rows, stage_of, tp_shard, tp_shard_dim,
-                                   vocab_shard_range)
+from engine.parallel.layout import (PipelineLayout, canonical_order, is_vocab_parallel, pad_rows, tp_shard,
+                                   tp_shard_dim, vocab_shard_range)
 from engine.parallel.state import validate_layout
 from engine.safetensors_io import TensorInfo, read_header, read_rows, read_tensor
 
@@ -182,20 +182,21 @@ def read_hf_shard(name: str, path: str, info: TensorInfo, tp: int, tp_rank: int)
 
 
 def iter_hf_rank_shards(hf_dir: str | os.PathLike, config: LlamaConfig, tp: int, tp_rank: int, pp: int = 1,
-                        pp_rank: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (engine name, this rank's shard) for every parameter of pipeline stage ``pp_rank``, read
-    from a HF Llama directory one tensor at a time (dimension-0 slices without the whole tensor):
-    how a training run on TP x PP starts from Hugging Face weights. The directory must hold the model
-    ``config`` describes (differences are named) and is checked whole before any tensor is read."""
+                        pp_rank: int = 0, *, virtual_stages: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (engine name, this rank's shard) for every parameter pipeline rank ``pp_rank`` holds
+    (all its ``virtual_stages`` model chunks, see :class:`~engine.parallel.layout.PipelineLayout`),
+    in canonical order, read from a HF Llama directory one tensor at a time (dimension-0 slices
+    without the whole tensor): how a training run on TP x PP starts from Hugging Face weights. The
+    directory must hold the model ``config`` describes (differences are named) and is checked whole
+    before any tensor is read."""
     hf_config, plan, tied_head = plan_hf_tensors(hf_dir)
     if diff := config_differences(hf_config, config):
         raise ValueError(f"{hf_dir}: weights of another model; config differs: {'; '.join(diff)}")
-    validate_layout(config, tp, pp)
+    validate_layout(config, tp, pp, virtual_stages=virtual_stages)
     if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
         raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside the layout TP={tp} x PP={pp}")
-    for name in canonical_order(plan):
-        if pp_rank not in stage_of(name, config.num_hidden_layers, pp, config.tie_word_embeddings):
-            continue
+    pipeline = PipelineLayout(config.num_hidden_layers, pp, virtual_stages, config.tie_word_embeddings)
+    for name in pipeline.rank_names(plan, pp_rank):
         _, path, info = plan[name]
         shard = read_hf_shard(name, path, info, tp, tp_rank)
         if name == "embed_tokens.weight" and tied_head is not None and \

@@ -181,11 +181,6 @@ class PipelineLayout:
         return layout
 
 
-def stage_of(name: str, num_layers: int, pp: int, tie_word_embeddings: bool = False) -> list[int]:
-    """Pipeline ranks holding a parameter in the contiguous (one chunk per rank) layout."""
-    return PipelineLayout(num_layers, pp, 1, tie_word_embeddings).ranks_of(name)
-
-
 def vocab_shard_range(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int]:
     """[start, end) of the padded vocabulary held by ``tp_rank``; rows from ``vocab_size`` on are padding."""
     if not 0 <= tp_rank < tp:

@@ -1,18 +1,21 @@
 """Engine checkpoints: a directory per iteration, one file set per (TP, PP) rank, resharding on load.
 
     <root>/latest                                  iteration number of the newest complete checkpoint
-    <root>/iter_0000100/checkpoint.json            layout, config, iteration, file sets, run state (last)
+    <root>/iter_0000100/checkpoint.json            layout, pipeline, config, iteration, file sets, run state (last)
     <root>/iter_0000100/mp_rank_TT_PPP/model.safetensors      local shards under global parameter names
     <root>/iter_0000100/mp_rank_TT_PPP/meta.json              config, layout, rank, and the caller's state
     <root>/iter_0000100/mp_rank_TT_PPP/optimizer.safetensors  optimizer tensors "{name}/{kind}" (optional)
     <root>/iter_0000100/mp_rank_TT_PPP/optimizer.json         optimizer counters and hyper-parameters
 
 Parameter names and shards follow :mod:`engine.parallel.layout`; vocab-parallel tensors are stored
-padded to ``padded_vocab_size(vocab, TP)``. The optimizer state is stored like the parameters: for
-each parameter of the rank's model file, one tensor per kind (``master``, ``exp_avg``, ...) with the
-parameter's local shape, one file set per (TP, PP) rank whatever the data-parallel size (a ZeRO
-optimizer gathers its slices first). So both the model and the optimizer reshard onto another TP, PP
-or DP layout; ``checkpoint.json`` records the layout the run used (:attr:`Checkpoint.layout`).
+padded to ``padded_vocab_size(vocab, TP)``. The file set of PP rank p holds every parameter of p's
+model chunks in the checkpoint's :class:`~engine.parallel.layout.PipelineLayout` (recorded in
+``checkpoint.json``, :attr:`Checkpoint.pipeline`; see :mod:`engine.train.checkpoint_layout`).
+The optimizer state is stored like the parameters: for each parameter of the rank's model file, one
+tensor per kind (``master``, ``exp_avg``, ...) with the parameter's local shape, one file set per
+(TP, PP) rank whatever the data-parallel size (a ZeRO optimizer gathers its slices first). Loading
+goes by parameter name, so both the model and the optimizer reshard onto another TP, PP, virtual
+stage or DP layout; ``checkpoint.json`` records the layout the run used (:attr:`Checkpoint.layout`).
 
 A save builds ``iter_N.saving/``, renames it to ``iter_N/`` once every rank's files and
 ``checkpoint.json`` are written, and only then replaces ``latest``, so a crash leaves the previous
@@ -36,10 +39,12 @@ import torch
 from engine.fileio import fsync_dir, replace_dir, write_json_atomic, write_text_atomic
 from engine.model.config import LlamaConfig, config_differences
 from engine.model.llama import expected_shapes
-from engine.parallel.layout import canonical_order, local_shape, padded_vocab_size, stage_of, tp_shard, tp_shard_dim
+from engine.parallel.layout import PipelineLayout, canonical_order, padded_vocab_size, tp_shard, tp_shard_dim
 from engine.parallel.state import validate_layout
 from engine.safetensors_io import (CheckpointError, SafetensorsWriter, decode_state, dtype_name, encode_state,
                                          header_problems, read_header, read_tensor)
+from engine.train.checkpoint_layout import (check_optimizer_tensors, expected_rank_shapes, optimizer_key,
+                                            pipeline_layout, pp_rank_names, recorded_layout, recorded_pipeline)
 
 FORMAT = "ltu-engine-checkpoint"
 FORMAT_VERSION = 1
@@ -59,82 +64,24 @@ def rank_dir_name(tp_rank: int, pp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def optimizer_key(name: str, kind: str) -> str:
-    """Key of a parameter's optimizer tensor in ``optimizer.safetensors``: ``"{name}/{kind}"``."""
-    return f"{name}/{kind}"
-
-
-# ----------------------------------------------------------------------------- layout of the shards
-def stage_names(config: LlamaConfig, pp: int, pp_rank: int) -> list[str]:
-    """Names of the parameters that pipeline stage ``pp_rank`` holds (tied copy included)."""
-    return [n for n in canonical_order(expected_shapes(config))
-            if pp_rank in stage_of(n, config.num_hidden_layers, pp, config.tie_word_embeddings)]
-
-
-def expected_rank_shapes(config: LlamaConfig, tp: int, pp: int, pp_rank: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor a (any TP rank, PP rank ``pp_rank``) file set holds, with its local shape."""
-    full = expected_shapes(config)
-    return {n: local_shape(n, full[n], config.vocab_size, tp) for n in stage_names(config, pp, pp_rank)}
-
-
-def recorded_layout(layout: Mapping | None, tp: int, pp: int) -> dict:
-    """The layout ``checkpoint.json`` records: the caller's entries (DP size, sequence parallelism,
-    distributed optimizer...) with ``tp`` and ``pp``; entries must be JSON values and agree with TP x PP."""
-    if layout is None:
-        layout = {}
-    if not isinstance(layout, Mapping) or not all(isinstance(k, str) for k in layout):
-        raise CheckpointError(f"layout must be a mapping with string keys, got {layout!r}")
-    for key, want in (("tp", tp), ("pp", pp)):
-        if key in layout and layout[key] != want:
-            raise CheckpointError(f"layout says {key}={layout[key]!r} but the checkpoint is written for {key}={want}")
-    dp = layout.get("dp")
-    if dp is not None and (type(dp) is not int or dp < 1):
-        raise CheckpointError(f"layout: dp must be a positive integer, got {dp!r}")
-    try:
-        json.dumps(dict(layout))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"layout: not JSON values only ({e})") from None
-    return {"tp": tp, "pp": pp, "dp": None, **layout}
-
-
-def check_optimizer_tensors(tensors: Mapping, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[str]:
-    """Validate ``tensors[param_name][kind]`` against a rank's local ``shapes``; returns the kinds
-    (sorted). Every parameter must have the same kinds; all problems are named in one error."""
-    if not isinstance(tensors, Mapping) or not all(isinstance(v, Mapping) for v in tensors.values()):
-        raise CheckpointError(f"{where}: expected a mapping parameter name -> tensor kind -> tensor")
-    present = [n for n in shapes if n in tensors]
-    kinds = sorted(tensors[present[0]], key=str) if present else []
-    problems = {
-        "missing parameter(s)": [n for n in shapes if n not in tensors],
-        "unexpected parameter(s)": sorted(set(tensors) - set(shapes)),
-        f"parameter(s) whose tensor kinds are not {kinds} like {present[:1]}":
-            [n for n in present if sorted(tensors[n], key=str) != kinds],
-        "tensor kind(s) that are not non-empty strings without '/'":
-            [k for k in kinds if not isinstance(k, str) or not k or "/" in k] or ([] if kinds else ["(none given)"]),
-        "mis-shaped or non-tensor value(s)":
-            [f"{optimizer_key(n, k)} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__} "
-             f"(expected {shapes[n]})" for n in present for k in kinds if k in tensors[n]
-             for t in [tensors[n][k]] if not isinstance(t, torch.Tensor) or tuple(t.shape) != shapes[n]],
-    }
-    if any(problems.values()):
-        raise CheckpointError(f"{where}: " + "; ".join(f"{label} {items}" for label, items in problems.items() if items))
-    return kinds
-
-
 # ----------------------------------------------------------------------------------------- saving
 class CheckpointWriter:
     """Builds ``iter_N`` in ``iter_N.saving``; :meth:`commit` checks it, publishes it, then ``latest``.
 
+    The file set of PP rank p holds the parameters of all its model chunks in the pipeline layout
+    of ``pp`` ranks x ``virtual_stages`` chunks (:attr:`pipeline`, recorded in checkpoint.json).
     Several processes may write file sets into the same writer's directory (see
     :func:`save_checkpoint_distributed`); exactly one calls :meth:`prepare` before and :meth:`commit`
     after all of them.
     """
 
-    def __init__(self, root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int, pp: int):
+    def __init__(self, root: str | os.PathLike, iteration: int, config: LlamaConfig, tp: int, pp: int, *,
+                 virtual_stages: int = 1):
         if not isinstance(iteration, int) or iteration < 0:
             raise ValueError(f"iteration must be a non-negative integer, got {iteration!r}")
-        validate_layout(config, tp, pp)
+        validate_layout(config, tp, pp, virtual_stages=virtual_stages)
         self.root, self.iteration, self.config, self.tp, self.pp = Path(root), iteration, config, tp, pp
+        self.pipeline = pipeline_layout(config, pp, virtual_stages)
         self.final_dir = self.root / iteration_dir_name(iteration)
         self.tmp_dir = self.root / (iteration_dir_name(iteration) + ".saving")
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp)
@@ -160,13 +107,13 @@ class CheckpointWriter:
     def model_writer(self, tp_rank: int, pp_rank: int,
                      dtypes: Mapping[str, torch.dtype] | torch.dtype) -> SafetensorsWriter:
         """A writer for this rank's ``model.safetensors`` expecting exactly its local shards."""
-        shapes = expected_rank_shapes(self.config, self.tp, self.pp, pp_rank)
+        shapes = expected_rank_shapes(self.config, self.tp, self.pipeline, pp_rank)
         specs = {n: (dtypes if isinstance(dtypes, torch.dtype) else dtypes[n], s) for n, s in shapes.items()}
         return SafetensorsWriter(self._rank_dir(tp_rank, pp_rank) / MODEL_FILE, specs, {"format": "pt"})
 
     def write_model(self, tp_rank: int, pp_rank: int, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Write one rank's local shards; missing, unexpected or mis-shaped tensors raise by name."""
-        shapes = expected_rank_shapes(self.config, self.tp, self.pp, pp_rank)
+        shapes = expected_rank_shapes(self.config, self.tp, self.pipeline, pp_rank)
         where = f"state of TP rank {tp_rank}, PP rank {pp_rank}"
         missing = [n for n in shapes if n not in state_dict]
         unexpected = sorted(set(state_dict) - set(shapes))
@@ -190,7 +137,7 @@ class CheckpointWriter:
         """One rank's optimizer state: ``tensors[param_name][kind]`` (every parameter of the rank's
         model file, with its local shape; the same kinds for all) streamed to ``optimizer.safetensors``
         under ``"{name}/{kind}"``, and ``state`` (step counter, hyper-parameters) to ``optimizer.json``."""
-        shapes = expected_rank_shapes(self.config, self.tp, self.pp, pp_rank)
+        shapes = expected_rank_shapes(self.config, self.tp, self.pipeline, pp_rank)
         kinds = check_optimizer_tensors(tensors, shapes, f"optimizer state of TP rank {tp_rank}, PP rank {pp_rank}")
         rank_dir = self._rank_dir(tp_rank, pp_rank)
         specs = {optimizer_key(n, k): (tensors[n][k].dtype, shapes[n]) for n in shapes for k in kinds}
@@ -207,7 +154,7 @@ class CheckpointWriter:
 
         The optimizer state is all or nothing: written for every file set with the same kinds, or
         for none."""
-        layout = recorded_layout(layout, self.tp, self.pp)
+        layout = recorded_layout(layout, self.tp, self.pp, self.pipeline.virtual_stages)
         file_sets, missing, kinds_by_dir = [], [], {}
         for pp_rank in range(self.pp):
             for tp_rank in range(self.tp):
@@ -229,7 +176,7 @@ class CheckpointWriter:
             "format": FORMAT, "version": FORMAT_VERSION, "iteration": self.iteration,
             "tp": self.tp, "pp": self.pp, "padded_vocab_size": self.padded_vocab_size,
             "dtype": dtype_name(dtype), "config": self.config.to_hf_dict(), "layout": layout,
-            "file_sets": file_sets, "optimizer": {"kinds": kinds} if kinds_by_dir else None,
+            "pipeline": self.pipeline.to_dict(), "file_sets": file_sets, "optimizer": {"kinds": kinds} if kinds_by_dir else None,
             "extra": encode_state(dict(extra or {})),
         })
         fsync_dir(self.tmp_dir)
@@ -258,16 +205,17 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, config: LlamaConfig
                     meta: Mapping | None = None, rank_meta: Mapping[tuple[int, int], Mapping] | None = None,
                     optimizer_tensors: Mapping[tuple[int, int], Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
                     optimizer_state: Mapping | None = None, layout: Mapping | None = None,
-                    extra: Mapping | None = None) -> Path:
+                    extra: Mapping | None = None, virtual_stages: int = 1) -> Path:
     """Save every rank's shards from one process; returns the published ``iter_N`` directory.
 
-    ``rank_states[(tp_rank, pp_rank)]`` is that rank's local state dict (global names, local shards).
+    ``rank_states[(tp_rank, pp_rank)]`` is that rank's local state dict (global names, local shards:
+    with ``virtual_stages`` > 1, the parameters of all the rank's interleaved model chunks).
     ``meta`` goes into every rank's meta.json, merged with ``rank_meta[(tp_rank, pp_rank)]``.
     ``optimizer_tensors[(tp_rank, pp_rank)][param_name][kind]``, when given, covers every rank;
     ``optimizer_state`` goes with each rank's, or is ``{(tp_rank, pp_rank): state}`` when every key is
     such a tuple. ``layout`` and ``extra`` go into checkpoint.json.
     """
-    writer = CheckpointWriter(root, iteration, config, tp, pp)
+    writer = CheckpointWriter(root, iteration, config, tp, pp, virtual_stages=virtual_stages)
     ranks = [(t, p) for p in range(pp) for t in range(tp)]
     absent = [r for r in ranks if r not in rank_states]
     if absent:
@@ -281,7 +229,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, config: LlamaConfig
     if per_rank_state and (absent := [r for r in ranks if r not in optimizer_state]):
         raise CheckpointError(f"save_checkpoint: no optimizer state for (tp_rank, pp_rank) {absent} "
                               f"of TP={tp} x PP={pp}")
-    recorded_layout(layout, tp, pp)  # a bad layout fails before any file is written
+    recorded_layout(layout, tp, pp, virtual_stages)  # a bad layout fails before any file is written
     dtype = _dominant_dtype(rank_states.values())
     writer.prepare()
     try:
@@ -301,8 +249,10 @@ def save_checkpoint_distributed(root: str | os.PathLike, iteration: int, config:
                                 *, meta: Mapping | None = None,
                                 optimizer_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                                 optimizer_state: Mapping | None = None, layout: Mapping | None = None,
-                                extra: Mapping | None = None, dp_rank: int = 0, group=None) -> Path:
-    """Collective save: every rank of ``group`` calls it with its own shards.
+                                extra: Mapping | None = None, dp_rank: int = 0, group=None,
+                                virtual_stages: int = 1) -> Path:
+    """Collective save: every rank of ``group`` calls it with its own shards (all its model chunks'
+    parameters when ``virtual_stages`` > 1).
 
     Data-parallel rank 0 of each (TP, PP) position writes the model, ``meta`` and, when given, the
     optimizer state (``optimizer_tensors[param_name][kind]``: whole local tensors, a ZeRO optimizer
@@ -313,7 +263,7 @@ def save_checkpoint_distributed(root: str | os.PathLike, iteration: int, config:
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
-    writer = CheckpointWriter(root, iteration, config, tp, pp)
+    writer = CheckpointWriter(root, iteration, config, tp, pp, virtual_stages=virtual_stages)
     dtype = _dominant_dtype([state_dict])
 
     def step(fn) -> None:
@@ -337,7 +287,7 @@ def save_checkpoint_distributed(root: str | os.PathLike, iteration: int, config:
             return
         if optimizer_tensors is None and optimizer_state is not None:
             raise CheckpointError("optimizer_state given without optimizer_tensors")
-        recorded_layout(layout, tp, pp)
+        recorded_layout(layout, tp, pp, virtual_stages)
         writer.write_model(tp_rank, pp_rank, state_dict)
         writer.write_meta(tp_rank, pp_rank, dtype, meta)
         if optimizer_tensors is not None:
@@ -385,13 +335,17 @@ def _read_json(path: Path) -> Any:
 
 @dataclass
 class Checkpoint:
-    """A validated checkpoint on disk: every rank's files present with the expected tensors."""
+    """A validated checkpoint on disk: every rank's files present with the expected tensors.
+
+    ``pipeline`` is the layout its file sets were written in (checkpoint.json's ``"pipeline"``;
+    contiguous, one chunk per rank, for checkpoints written before it was recorded)."""
 
     path: Path
     iteration: int
     config: LlamaConfig
     tp: int
     pp: int
+    pipeline: PipelineLayout
     padded_vocab_size: int
     info: dict
     headers: dict = field(default_factory=dict, repr=False)
@@ -432,7 +386,8 @@ class Checkpoint:
         return expected_shapes(self.config)[name]
 
     def source_stage(self, name: str) -> int:
-        return stage_of(name, self.config.num_hidden_layers, self.pp, self.config.tie_word_embeddings)[0]
+        """The PP rank whose file sets hold ``name`` (the first rank for a tied embedding)."""
+        return self.pipeline.ranks_of(name)[0]
 
     def dtype(self, name: str) -> torch.dtype:
         return self.headers[(0, self.source_stage(name))][name].dtype
@@ -460,7 +415,7 @@ class Checkpoint:
 
 
 def _read_checkpoint_info(it_dir: Path, iteration: int | None):
-    """checkpoint.json, validated: (info, config, tp, pp, iteration)."""
+    """checkpoint.json, validated: (info, config, tp, pp, pipeline, iteration)."""
     where = it_dir / CHECKPOINT_JSON
     info = _read_json(where)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
@@ -471,8 +426,9 @@ def _read_checkpoint_info(it_dir: Path, iteration: int | None):
         config = LlamaConfig.from_hf_dict(info["config"], source=f"{where} config")
         tp, pp, it = int(info["tp"]), int(info["pp"]), int(info["iteration"])
         validate_layout(config, tp, pp)
+        pipeline = recorded_pipeline(info.get("pipeline"), config, pp)
         if info.get("layout") is not None:
-            recorded_layout(info["layout"], tp, pp)
+            recorded_layout(info["layout"], tp, pp, pipeline.virtual_stages)
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e}") from None
     except (TypeError, ValueError) as e:
@@ -483,7 +439,7 @@ def _read_checkpoint_info(it_dir: Path, iteration: int | None):
         raise CheckpointError(f"{where}: 'optimizer' must hold a non-empty list of tensor kinds, got {optimizer!r}")
     if iteration is not None and it != iteration:
         raise CheckpointError(f"{where}: holds iteration {it}, not {iteration}")
-    return info, config, tp, pp, it
+    return info, config, tp, pp, pipeline, it
 
 
 def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
@@ -496,15 +452,15 @@ def open_checkpoint(path: str | os.PathLike, iteration: int | None = None,
     model and layout, and (when given) that the model is ``expect_config``.
     """
     it_dir = resolve_checkpoint_dir(path, iteration)
-    info, config, tp, pp, it = _read_checkpoint_info(it_dir, iteration)
+    info, config, tp, pp, pipeline, it = _read_checkpoint_info(it_dir, iteration)
     if expect_config is not None and (diff := config_differences(config, expect_config)):
         raise CheckpointError(f"{it_dir}: checkpoint of another model; config differs: {'; '.join(diff)}")
-    ckpt = Checkpoint(it_dir, it, config, tp, pp, padded_vocab_size(config.vocab_size, tp), info)
+    ckpt = Checkpoint(it_dir, it, config, tp, pp, pipeline, padded_vocab_size(config.vocab_size, tp), info)
     kinds = ckpt.optimizer_kinds
     required = (MODEL_FILE, META_FILE) + ((OPTIMIZER_FILE, OPTIMIZER_STATE_FILE) if kinds else ())
     problems: list[str] = []
     for pp_rank in range(pp):
-        expected = expected_rank_shapes(config, tp, pp, pp_rank)
+        expected = expected_rank_shapes(config, tp, pipeline, pp_rank)
         expected_optimizer = {optimizer_key(n, k): s for n, s in expected.items() for k in kinds}
         for tp_rank in range(tp):
             rdir = ckpt.rank_dir(tp_rank, pp_rank)
@@ -593,21 +549,25 @@ def load_full_tensors(ckpt: Checkpoint | str | os.PathLike, iteration: int | Non
     return dict(iter_full_tensors(ckpt, iteration))
 
 
-def _check_target(ckpt: Checkpoint, tp_rank: int, pp_rank: int, tp: int, pp: int) -> None:
-    validate_layout(ckpt.config, tp, pp)
+def _target_names(ckpt: Checkpoint, tp_rank: int, pp_rank: int, tp: int, pp: int, virtual_stages: int) -> list[str]:
+    """The parameters rank (``tp_rank``, ``pp_rank``) of the target layout holds, refusing a layout
+    the model cannot be split into."""
+    validate_layout(ckpt.config, tp, pp, virtual_stages=virtual_stages)
     if not (0 <= tp_rank < tp and 0 <= pp_rank < pp):
         raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) outside the layout TP={tp} x PP={pp}")
+    return pp_rank_names(ckpt.config, pipeline_layout(ckpt.config, pp, virtual_stages), pp_rank)
 
 
 def load_rank_shard(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank: int, tp: int, pp: int,
-                    ) -> dict[str, torch.Tensor]:
-    """Local shards of rank (``tp_rank``, ``pp_rank``) for a target layout TP=``tp`` x PP=``pp``,
-    which may differ from the checkpoint's (resharding). Peak memory: one full parameter."""
+                    *, virtual_stages: int = 1) -> dict[str, torch.Tensor]:
+    """Local shards of rank (``tp_rank``, ``pp_rank``) for a target layout TP=``tp`` x PP=``pp`` with
+    ``virtual_stages`` model chunks per pipeline rank, which may differ from the checkpoint's in any
+    of the three (resharding): exactly the parameters of the rank's chunks, by name. Peak memory:
+    one full parameter."""
     ckpt = _as_checkpoint(ckpt)
-    _check_target(ckpt, tp_rank, pp_rank, tp, pp)
     out = {}
-    for name in stage_names(ckpt.config, pp, pp_rank):
-        if tp == ckpt.tp:  # same TP split: the shard is on disk as is, whatever the PP split
+    for name in _target_names(ckpt, tp_rank, pp_rank, tp, pp, virtual_stages):
+        if tp == ckpt.tp:  # same TP split: the shard is on disk as is, whatever the pipeline split
             out[name] = ckpt.read_shard(tp_rank, ckpt.source_stage(name), name)
         else:
             out[name] = tp_shard(name, read_full_tensor(ckpt, name), tp, tp_rank).clone()
@@ -615,19 +575,19 @@ def load_rank_shard(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank:
 
 
 def load_rank_optimizer(ckpt: Checkpoint | str | os.PathLike, tp_rank: int, pp_rank: int, tp: int, pp: int,
-                        ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Optimizer state of rank (``tp_rank``, ``pp_rank``) for a target layout TP=``tp`` x PP=``pp``:
-    ``(tensors[param_name][kind], state)``, each tensor shaped like the rank's parameter shard.
+                        *, virtual_stages: int = 1) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Optimizer state of rank (``tp_rank``, ``pp_rank``) for a target layout TP=``tp`` x PP=``pp``
+    with ``virtual_stages`` chunks per pipeline rank: ``(tensors[param_name][kind], state)``, each
+    tensor shaped like the rank's parameter shard, for exactly the parameters of the rank's chunks.
 
     Another TP split reassembles each tensor from the saved shards and cuts it again (vocabulary
     padding rows are dropped and re-padded with zeros), one tensor at a time. ``state`` is that of
     the saved file set holding the rank's first parameter (counters and hyper-parameters are the
     same on every rank)."""
     ckpt = _as_checkpoint(ckpt)
-    _check_target(ckpt, tp_rank, pp_rank, tp, pp)
+    names = _target_names(ckpt, tp_rank, pp_rank, tp, pp, virtual_stages)
     if not ckpt.has_optimizer:
         raise CheckpointError(f"{ckpt.path}: holds no optimizer state (saved without one)")
-    names = stage_names(ckpt.config, pp, pp_rank)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         stage = ckpt.source_stage(name)
