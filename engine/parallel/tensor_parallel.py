@@ -34,10 +34,10 @@ from engine.model.llama import Llama, RMSNorm, TiedHead, expected_shapes, init_p
 from engine.parallel.collectives import all_gather_along, group_size
 from engine.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                     VocabParallelLMHead, enter_tp_region)
-from engine.parallel.layout import is_vocab_parallel, tp_shard, tp_shard_dim
+from engine.parallel.layout import PipelineLayout, is_vocab_parallel, tp_shard, tp_shard_dim
 from engine.parallel.state import ParallelState, validate_layout
 
-__all__ = ["parallelize_model", "build_parallel_llama", "gather_full_param", "lm_head_vocab_range",
+__all__ = ["parallelize_model", "build_parallel_llama", "build_model_chunks", "pipeline_layout", "gather_full_param", "lm_head_vocab_range",
            "sequence_parallel_names"]
 
 
@@ -153,6 +153,22 @@ def build_parallel_llama(config, state: ParallelState, sequence_parallel: bool =
     with torch.device("meta"):
         model = Llama(config, **llama_kwargs)
     return parallelize_model(model, state, sequence_parallel, seed=seed, device=device, dtype=dtype)
+
+
+def pipeline_layout(config, state: ParallelState, virtual_stages: int = 1) -> PipelineLayout:
+    """The pipeline table of ``config`` over ``state``'s pipeline ranks."""
+    return PipelineLayout(config.num_hidden_layers, state.pp_size, virtual_stages, config.tie_word_embeddings)
+
+
+def build_model_chunks(config, state: ParallelState, virtual_stages: int = 1, sequence_parallel: bool = False,
+                       seed: int | None = 0, device=None, dtype: torch.dtype = torch.float32) -> list[Llama]:
+    """This rank's model chunks, in schedule order: one per virtual stage it runs, each a Llama of the
+    layers :class:`PipelineLayout` gives it (the first holding the embedding on the first rank, the
+    last the norm and head on the last rank), tensor-parallel over ``state``'s TP group."""
+    layout = pipeline_layout(config, state, virtual_stages)
+    validate_layout(config, state.tp_size, state.pp_size, state.dp_size, state.world_size, virtual_stages)
+    return [build_parallel_llama(config, state, sequence_parallel, seed=seed, device=device, dtype=dtype,
+                                 **layout.chunk_spec(state.pp_rank, c)) for c in range(virtual_stages)]
 
 
 def lm_head_vocab_range(model: Llama) -> tuple[int, int]:

@@ -24,7 +24,12 @@ divided by the global number of loss tokens, hence a sum and not a mean.
 Finalisation, after the last backward: launch any bucket not yet launched (parameters without a
 gradient, ``overlap=False``), wait for all, then all-reduce over TP the gradients of the replicated
 norm weights that saw only a slice of the sequence (sequence parallelism), on the region this rank
-owns. The pipeline issue adds the tied-embedding sum here.
+owns. With pipeline parallelism and tied embeddings, the first stage's embedding and the last
+stage's copy of it for the head get the sum of both gradients: that parameter has a bucket of its own
+which the hooks never launch; finalisation first all-reduces it over the embedding group (first and
+last stage), then reduces it over DP like any bucket. (Launching it from a hook would make the last
+stage wait, in the middle of its backward, for the first stage's backward, which waits for the last
+stage's gradients.) The copy is left out of the global norm, which counts every weight once.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.parallel.collectives import group_size
-from engine.parallel.layout import tp_shard_dim
+from engine.parallel.layout import PipelineLayout, tp_shard_dim
 from engine.parallel.state import ParallelState
 
 
@@ -50,6 +55,7 @@ class ParamSlot:
     bucket: int
     replicated_over_tp: bool  # identical on every TP rank: counted once in the global norm
     sequence_parallel: bool   # its gradient is partial on each TP rank until summed over TP
+    in_norm: bool = True      # False for the last stage's copy of a tied embedding
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Bucket:
     ready: int = 0
     handle: object = None
     launched: bool = False
+    tied: bool = False  # the tied embedding's own bucket: summed over the embedding group first
 
     @property
     def size(self) -> int:
@@ -81,12 +88,14 @@ class GradBuffer:
     """Flat parameter and fp32 gradient buffers of ``chunks`` on this rank, reduced over DP in buckets.
 
     ``sequence_parallel_names``: names of replicated parameters used on sequence slices (their
-    gradients are summed over TP in :meth:`finalize`).
+    gradients are summed over TP in :meth:`finalize`). ``pipeline``: the pipeline layout, for the
+    tied embedding shared by the first and last stage (None: one stage).
     """
 
     def __init__(self, chunks: list[nn.Module], state: ParallelState, *, bucket_size: int = 40_000_000,
                  distributed_optimizer: bool = False, overlap: bool = True,
-                 sequence_parallel_names: set[str] = frozenset(), grad_dtype: torch.dtype = torch.float32):
+                 sequence_parallel_names: set[str] = frozenset(), grad_dtype: torch.dtype = torch.float32,
+                 pipeline: PipelineLayout | None = None):
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be a positive number of elements, got {bucket_size}")
         self.state = state
@@ -105,18 +114,27 @@ class GradBuffer:
         self.param_dtype = dtypes.pop()
         device = named[0][1].device
 
-        # Offsets in backward order; buckets close once they hold bucket_size elements.
+        shared = pipeline is not None and pipeline.pp > 1 and pipeline.tie_word_embeddings
+        self.embedding_group = state.embedding_group if shared else None
+        # Offsets in backward order; buckets close once they hold bucket_size elements. The shared
+        # embedding gets a bucket of its own.
         self.slots: list[ParamSlot] = []
         self.buckets: list[Bucket] = []
         offset, bucket = 0, Bucket(0, 0, 0)
         for name, p in reversed(named):
+            tied = shared and name == "embed_tokens.weight"
+            if tied and bucket.slots:
+                offset = self._close(bucket, offset)
+                bucket = Bucket(len(self.buckets), offset, offset)
             slot = ParamSlot(name, p, offset, offset + p.numel(), bucket.index,
                              replicated_over_tp=tp_shard_dim(name) is None,
-                             sequence_parallel=name in sequence_parallel_names)
+                             sequence_parallel=name in sequence_parallel_names,
+                             in_norm=not (pipeline is not None and pipeline.is_tied_copy(name, state.pp_rank)))
             bucket.slots.append(slot)
+            bucket.tied = tied
             self.slots.append(slot)
             offset = slot.end
-            if offset - bucket.start >= bucket_size:
+            if tied or offset - bucket.start >= bucket_size:
                 offset = self._close(bucket, offset)
                 bucket = Bucket(len(self.buckets), offset, offset)
         if bucket.slots:
@@ -152,7 +170,7 @@ class GradBuffer:
             if not self.sync:
                 return
             bucket.ready += 1
-            if self.overlap and bucket.ready == len(bucket.slots):
+            if self.overlap and not bucket.tied and bucket.ready == len(bucket.slots):
                 self._launch(bucket)
 
         return hook
@@ -199,8 +217,11 @@ class GradBuffer:
 
     # ---------------------------------------------------------------------------- finalisation
     def finalize(self) -> None:
-        """Complete the DP reduction and the TP sums of sequence-parallel gradients."""
+        """Complete the tied-embedding sum, the DP reduction and the TP sums of sequence-parallel
+        gradients."""
         for bucket in self.buckets:
+            if bucket.tied and group_size(self.embedding_group) > 1:
+                dist.all_reduce(self.grads[bucket.start:bucket.end], group=self.embedding_group)
             self._launch(bucket)
         for bucket in self.buckets:
             if bucket.handle is not None:
@@ -226,11 +247,11 @@ class GradBuffer:
         """L2 norm of the whole model's gradient (after :meth:`finalize`), the same on every rank.
 
         Each rank sums squares over the pieces it owns; parameters replicated over TP count on TP
-        rank 0 only. The sum is all-reduced over the model-parallel group, and over DP too under ZeRO
+        rank 0 only, a tied embedding on the first stage only. The sum is all-reduced over the model-parallel group, and over DP too under ZeRO
         (where DP ranks own disjoint pieces).
         """
         pieces = [self.grads[s:e] for slot, s, e in self.owned_pieces()
-                  if not (slot.replicated_over_tp and self.state.tp_rank != 0)]
+                  if slot.in_norm and not (slot.replicated_over_tp and self.state.tp_rank != 0)]
         norms = torch._foreach_norm(pieces, 2.0) if pieces else []
         total = torch.stack([n.float() for n in norms]).square().sum() if norms else \
             torch.zeros((), device=self.grads.device)

@@ -23,7 +23,8 @@ from engine.parallel.state import ParallelState
 from engine.parallel.tensor_parallel import lm_head_vocab_range
 from engine.train.grads import GradBuffer
 from engine.train.optimizer import MixedPrecisionAdamW
-from engine.train.schedules import forward_backward
+from engine.parallel.p2p import PipelineComm
+from engine.train.schedules import ScheduleStats, forward_backward
 
 
 @dataclass
@@ -45,12 +46,13 @@ def global_loss_tokens(microbatches: list[dict], state: ParallelState, device) -
 
 
 def make_loss_fn(model: nn.Module, state: ParallelState, loss_tokens: int):
-    """``loss_fn(logits, microbatch)`` for the schedules: the normalised loss and its raw sum."""
-    vocab_start, vocab_size = lm_head_vocab_range(model)
+    """``loss_fn(logits, microbatch)`` for the schedules: the normalised loss and its raw sum.
+    ``model`` is the chunk holding the head; the schedules call it on the last pipeline stage only."""
     group = state.tp_group if state.tp_size > 1 else None
     denominator = max(loss_tokens, 1)
 
     def loss_fn(logits: torch.Tensor, microbatch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        vocab_start, vocab_size = lm_head_vocab_range(model)
         per_token = vocab_parallel_cross_entropy(logits, microbatch["labels"], vocab_start, vocab_size, group)
         loss_sum = (per_token * microbatch["loss_mask"]).sum()
         return loss_sum / denominator, loss_sum
@@ -58,10 +60,15 @@ def make_loss_fn(model: nn.Module, state: ParallelState, loss_tokens: int):
     return loss_fn
 
 
-def _global_loss_sum(losses: list[torch.Tensor], state: ParallelState) -> float:
-    total = torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64)
+def _global_loss_sum(losses: list[torch.Tensor], state: ParallelState, device) -> float:
+    """The loss sum of the global batch on every rank: summed over DP, and over PP, where only the
+    last stage has losses (so every stage sees the same value, NaN included, and skips alike)."""
+    total = torch.stack(losses).sum().double().reshape(1) if losses else \
+        torch.zeros(1, dtype=torch.float64, device=device)
     if group_size(state.dp_group) > 1:
         dist.all_reduce(total, group=state.dp_group)
+    if group_size(state.pp_group) > 1:
+        dist.all_reduce(total, group=state.pp_group)
     return float(total.item())
 
 
@@ -71,16 +78,16 @@ def _to_device(microbatches: list[dict], device) -> list[dict]:
 
 def train_step(chunks: list[nn.Module], microbatches: list[dict], grads: GradBuffer,
                optimizer: MixedPrecisionAdamW, state: ParallelState, *, lr: float, clip_grad: float,
-               virtual_stages: int = 1) -> StepResult:
+               comm: PipelineComm | None = None, stats: ScheduleStats | None = None) -> StepResult:
     """Forward, backward and update over one global batch (this rank's ``microbatches``)."""
     device = grads.grads.device
     tokens = global_loss_tokens(microbatches, state, device)
     microbatches = _to_device(microbatches, device)
     loss_fn = make_loss_fn(chunks[-1], state, tokens)
     losses = forward_backward(chunks, microbatches, loss_fn, state=state, grads=grads,
-                              virtual_stages=virtual_stages)
+                              virtual_stages=len(chunks), comm=comm, stats=stats)
     grads.finalize()
-    loss = _global_loss_sum(losses, state) / max(tokens, 1)
+    loss = _global_loss_sum(losses, state, device) / max(tokens, 1)
     norm = grads.grad_norm()
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if not skipped:
@@ -91,11 +98,11 @@ def train_step(chunks: list[nn.Module], microbatches: list[dict], grads: GradBuf
 
 @torch.no_grad()
 def evaluate_loss(chunks: list[nn.Module], microbatches: list[dict], state: ParallelState,
-                  device, virtual_stages: int = 1) -> tuple[float, int]:
+                  device, comm: PipelineComm | None = None) -> tuple[float, int]:
     """(mean loss per loss token, loss tokens) of a global batch, forward only."""
     tokens = global_loss_tokens(microbatches, state, device)
     microbatches = _to_device(microbatches, device)
     loss_fn = make_loss_fn(chunks[-1], state, tokens)
     losses = forward_backward(chunks, microbatches, loss_fn, state=state, grads=None, forward_only=True,
-                              virtual_stages=virtual_stages)
-    return _global_loss_sum(losses, state) / max(tokens, 1), tokens
+                              virtual_stages=len(chunks), comm=comm)
+    return _global_loss_sum(losses, state, device) / max(tokens, 1), tokens
