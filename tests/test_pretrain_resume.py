@@ -89,7 +89,7 @@ def test_resume_is_bit_identical_bf16_with_master_weights(tiny_data, tmp_path):
     resumed = make_trainer(with_updates(cfg, checkpoint={"load": cfg["checkpoint"]["save"]}))
     assert resumed.run_state.iteration == INTERVAL
     master = resumed.optimizer.master
-    params = next(iter(resumed.model.parameters()))
+    params = next(iter(resumed.named_parameters().values()))
     assert params.dtype == torch.bfloat16 and master.dtype == torch.float32
     assert torch.equal(master, masters_at_save[INTERVAL])
     # The masters carry more than the bf16 weights: re-deriving them from the weights would differ.
@@ -247,7 +247,7 @@ class InfiniteGradient(torch.autograd.Function):
 
 
 def parameters(trainer) -> dict:
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return {n: p.detach().clone() for n, p in trainer.named_parameters().items()}
 
 
 def poison(monkeypatch, trainer, bad_iterations, kind: str) -> dict:

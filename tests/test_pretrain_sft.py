@@ -172,9 +172,9 @@ def test_sft_update_over_4_microbatches_equals_one_microbatch_of_4_and_adamw_by_
         cfg = sft_config(tiny_data, str(tmp_path / f"mbs{mbs}"), train={**train, "micro_batch_size": mbs})
         trainer = make_trainer(cfg)
         assert trainer.loader.num_microbatches == GLOBAL_BATCH // mbs
-        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in trainer.named_parameters().items()}
         trainer.run()
-        updates[mbs] = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
+        updates[mbs] = {n: p.detach() - before[n] for n, p in trainer.named_parameters().items()}
     by_hand = {n: -lr * g / (g.abs() + eps) for n, g in reference["grads"].items()}
     scale = max(float(u.abs().max()) for u in by_hand.values())
     assert scale > 1e-3
@@ -192,7 +192,7 @@ def test_sft_starts_from_a_ct_checkpoint_with_checkpoint_init(tiny_data, tmp_pat
 
     ct_save = str(tmp_path / "ct")
     ct = train_in_process(tiny_run_config(tiny_data, ct_save, train={"iters": 2}))
-    ct_weights = {n: p.detach().clone() for n, p in ct.model.named_parameters()}
+    ct_weights = {n: p.detach().clone() for n, p in ct.named_parameters().items()}
     assert ct.optimizer.steps == 2
 
     sft_save = str(tmp_path / "sft")
@@ -201,7 +201,7 @@ def test_sft_starts_from_a_ct_checkpoint_with_checkpoint_init(tiny_data, tmp_pat
     assert sft.run_state.iteration == 0 and sft.run_state.consumed_samples == 0
     assert sft.loader.consumed_samples == 0
     assert sft.optimizer.steps == 0 and len(sft.optimizer.inner.state) == 0  # fresh moments
-    weights = dict(sft.model.named_parameters())
+    weights = sft.named_parameters()
     assert sorted(weights) == sorted(ct_weights)
     for name, value in ct_weights.items():
         assert torch.equal(weights[name].detach(), value), name

@@ -27,13 +27,15 @@ from engine.model.hf import iter_hf_rank_shards
 from engine.model.llama import expected_shapes
 from engine.ops import CheckShapes, Ops
 from engine.parallel.state import ParallelState, init_parallel, validate_layout
-from engine.parallel.tensor_parallel import build_parallel_llama, sequence_parallel_names
+from engine.parallel.p2p import PipelineComm
+from engine.parallel.tensor_parallel import build_model_chunks, pipeline_layout, sequence_parallel_names
 from engine.train import checkpoint as ckpt_io
 from engine.train.grads import GradBuffer
 from engine.train.lr import LRSchedule
 from engine.train.metrics import (MetricsWriter, StepMetrics, device_name, device_peak_tflops, format_log_line,
                                   memory_gib, model_flops_per_token, plot_loss_curve)
 from engine.train.optimizer import AdamWConfig, MixedPrecisionAdamW
+from engine.train.schedules import check_microbatches, get_forward_backward
 from engine.train.step import evaluate_loss, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -105,15 +107,13 @@ def resolve_model_config(cfg: RunConfig) -> LlamaConfig:
 
 def _check_layout(cfg: RunConfig, config: LlamaConfig, world_size: int) -> int:
     p, t = cfg.parallel, cfg.train
-    if p.pp > 1 or p.virtual_stages > 1:
-        raise ValueError(f"parallel.pp {p.pp} / parallel.virtual_stages {p.virtual_stages}: pipeline "
-                         "parallelism is not available yet; use parallel.pp 1")
-    validate_layout(config, p.tp, p.pp, world_size=world_size)
+    validate_layout(config, p.tp, p.pp, world_size=world_size, virtual_stages=p.virtual_stages)
     dp = world_size // (p.tp * p.pp)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ValueError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
                          f"train.micro_batch_size {t.micro_batch_size} x data-parallel size {dp} "
                          f"(world size {world_size} / (tp {p.tp} x pp {p.pp}))")
+    check_microbatches(p.pp, p.virtual_stages, t.global_batch_size // (t.micro_batch_size * dp))
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_length % p.tp:
         raise ValueError(f"parallel.sequence_parallel: data.seq_length {cfg.data.seq_length} is not a "
                          f"multiple of parallel.tp {p.tp}")
@@ -192,21 +192,26 @@ class Trainer:
         self.state = init_parallel(p.tp, p.pp, timeout_s=p.timeout_s)
         seed_everything(t.seed)
         self.dtype = DTYPES[t.dtype]
-        self.model = build_parallel_llama(self.config, self.state, sequence_parallel=p.sequence_parallel,
-                                          seed=None if (load or cfg.checkpoint.init) else t.seed,
-                                          device=self.state.device, dtype=self.dtype)
-        self.model.activation_checkpointing = t.recompute
+        self.pipeline = pipeline_layout(self.config, self.state, p.virtual_stages)
+        self.chunks = build_model_chunks(self.config, self.state, p.virtual_stages,
+                                         sequence_parallel=p.sequence_parallel,
+                                         seed=None if (load or cfg.checkpoint.init) else t.seed,
+                                         device=self.state.device, dtype=self.dtype)
+        for chunk in self.chunks:
+            chunk.activation_checkpointing = t.recompute
+        self.comm = PipelineComm(self.state) if self.state.pp_size > 1 else None
         self.ops, self.kernel_verdicts = Ops(t.kernels), None
         if t.kernels != "torch" and self.state.device.type == "cuda":
             # Each kernel proves itself on this device once, against PyTorch; under "auto" a failing
             # one falls back to PyTorch (with a warning) instead of silently training a wrong model.
             self.kernel_verdicts = self.ops.self_check(self.state.device, self.dtype if self.dtype != torch.float32
                                                        else torch.bfloat16, shapes=CheckShapes.for_model(self.config))
-        self.model.set_ops(self.ops)
-        self.chunks = [self.model]
+        for chunk in self.chunks:
+            chunk.set_ops(self.ops)
         self.grads = GradBuffer(self.chunks, self.state, bucket_size=p.bucket_size,
                                 distributed_optimizer=p.distributed_optimizer, overlap=p.overlap_grad_reduce,
-                                sequence_parallel_names=sequence_parallel_names(self.model))
+                                sequence_parallel_names=set().union(*map(sequence_parallel_names, self.chunks)),
+                                pipeline=self.pipeline)
         self.optimizer = MixedPrecisionAdamW(self.grads, AdamWConfig(
             lr=t.lr, weight_decay=t.weight_decay, beta1=t.adam_beta1, beta2=t.adam_beta2, eps=t.adam_eps))
         self.run_state = RunState()
@@ -230,9 +235,13 @@ class Trainer:
         if _rank0(self.state):
             self.log_fn(text)
 
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """This rank's parameters over all its chunks, by global name."""
+        return {n: p for chunk in self.chunks for n, p in chunk.named_parameters()}
+
     # ---------------------------------------------------------------------------- weights in
     def _copy_weights(self, shards: dict[str, torch.Tensor], source: str) -> None:
-        params = dict(self.model.named_parameters())
+        params = self.named_parameters()
         missing = sorted(set(params) - set(shards))
         if missing:
             raise ValueError(f"{source}: no weights for {missing}")
@@ -247,27 +256,31 @@ class Trainer:
     def _init_weights(self, path: str) -> None:
         s = self.state
         if _is_hf_dir(path):
-            shards = dict(iter_hf_rank_shards(path, self.config, s.tp_size, s.tp_rank, s.pp_size, s.pp_rank))
+            shards = dict(iter_hf_rank_shards(path, self.config, s.tp_size, s.tp_rank, s.pp_size, s.pp_rank,
+                                              virtual_stages=self.pipeline.virtual_stages))
         else:
             ckpt = ckpt_io.open_checkpoint(path)
             if diff := config_differences(ckpt.config, self.config):
                 raise ValueError(f"checkpoint.init {path}: weights of another model ({'; '.join(diff)})")
-            shards = ckpt_io.load_rank_shard(ckpt, s.tp_rank, s.pp_rank, s.tp_size, s.pp_size)
+            shards = ckpt_io.load_rank_shard(ckpt, s.tp_rank, s.pp_rank, s.tp_size, s.pp_size,
+                                             virtual_stages=self.pipeline.virtual_stages)
         self._copy_weights(shards, f"checkpoint.init {path}")
         self.log(f"initialised weights from {path} (fresh optimizer, iteration 0)")
 
     def _resume(self, ckpt: ckpt_io.Checkpoint) -> None:
-        s = self.state
-        self._copy_weights(ckpt_io.load_rank_shard(ckpt, s.tp_rank, s.pp_rank, s.tp_size, s.pp_size),
+        s, v = self.state, self.pipeline.virtual_stages
+        self._copy_weights(ckpt_io.load_rank_shard(ckpt, s.tp_rank, s.pp_rank, s.tp_size, s.pp_size, virtual_stages=v),
                            f"checkpoint.load {ckpt.path}")
-        tensors, opt_state = ckpt_io.load_rank_optimizer(ckpt, s.tp_rank, s.pp_rank, s.tp_size, s.pp_size)
+        tensors, opt_state = ckpt_io.load_rank_optimizer(ckpt, s.tp_rank, s.pp_rank, s.tp_size, s.pp_size,
+                                                         virtual_stages=v)
         self.optimizer.load_state_tensors(tensors, int(opt_state["steps"]))
         counters = ckpt.extra["counters"]
         self.run_state = RunState(iteration=ckpt.iteration, consumed_samples=int(counters["consumed_samples"]),
                                   skipped_total=int(counters["skipped_total"]),
                                   skipped_in_a_row=int(counters["skipped_in_a_row"]))
         self.loader.load_state_dict({"consumed_samples": self.run_state.consumed_samples})
-        meta = ckpt.meta(s.tp_rank if s.tp_size == ckpt.tp else 0, 0)
+        same = s.tp_size == ckpt.tp and s.pp_size == ckpt.pp
+        meta = ckpt.meta(s.tp_rank if same else 0, s.pp_rank if same else 0)
         set_rng_state(meta["rng"])
         self.last_checkpoint = str(ckpt.path)
         self.log(f"resumed from {ckpt.path} at iteration {ckpt.iteration} "
@@ -278,7 +291,7 @@ class Trainer:
         cfg, s, rs = self.cfg, self.state, self.run_state
         include_master = self.dtype != torch.float32
         tensors = self.optimizer.state_tensors(include_master)
-        state_dict = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
+        state_dict = {n: p.detach().cpu() for n, p in self.named_parameters().items()}
         layout = {"tp": s.tp_size, "pp": s.pp_size, "dp": s.dp_size, "virtual_stages": cfg.parallel.virtual_stages,
                   "sequence_parallel": cfg.parallel.sequence_parallel,
                   "distributed_optimizer": cfg.parallel.distributed_optimizer}
@@ -291,13 +304,13 @@ class Trainer:
                                            {(0, 0): state_dict}, meta={"rng": rng_state()},
                                            optimizer_tensors={(0, 0): tensors},
                                            optimizer_state={(0, 0): self.optimizer.state_meta()},
-                                           layout=layout, extra=extra)
+                                           layout=layout, extra=extra, virtual_stages=self.pipeline.virtual_stages)
         else:
             path = ckpt_io.save_checkpoint_distributed(
                 cfg.checkpoint.save, rs.iteration, self.config, s.tp_size, s.pp_size, s.tp_rank, s.pp_rank,
                 state_dict, meta={"rng": rng_state()}, optimizer_tensors=tensors,
                 optimizer_state=self.optimizer.state_meta(), layout=layout, extra=extra,
-                dp_rank=s.dp_rank, group=group)
+                dp_rank=s.dp_rank, group=group, virtual_stages=self.pipeline.virtual_stages)
         self.last_checkpoint = str(path)
         self.log(f"saved checkpoint {path}")
 
@@ -308,7 +321,7 @@ class Trainer:
                              self.dp, self.config.vocab_size)
         total, tokens = 0.0, 0
         for _ in range(t.eval_iters):
-            loss, n = evaluate_loss(self.chunks, loader.next_step(), self.state, self.grads.grads.device)
+            loss, n = evaluate_loss(self.chunks, loader.next_step(), self.state, self.grads.grads.device, self.comm)
             total, tokens = total + loss * n, tokens + n
         return total / max(tokens, 1)
 
@@ -326,6 +339,11 @@ class Trainer:
                  f"{' + sequence parallel' if cfg.parallel.sequence_parallel and s.tp_size > 1 else ''}"
                  f"{' + distributed optimizer' if cfg.parallel.distributed_optimizer else ''}; "
                  f"device {device_name(s.device)}; {t.dtype}; optimizer {self.optimizer.implementation}")
+        if s.pp_size > 1:
+            schedule = get_forward_backward(s, self.pipeline.virtual_stages).__name__.removeprefix("forward_backward_")
+            stages = "; ".join(f"rank {r}: layers {self.pipeline.rank_layers(r)}" for r in range(s.pp_size))
+            self.log(f"pipeline: schedule {schedule}, {self.pipeline.virtual_stages} chunk(s) of "
+                     f"{self.pipeline.layers_per_chunk} layer(s) per rank ({stages})")
         self.log(f"model: {params:,} parameters ({self.config.num_hidden_layers} layers, hidden "
                  f"{self.config.hidden_size}, vocab {self.config.vocab_size}); stage {t.stage}")
         self.log(f"data: {len(self.train_data):,} training samples; {tokens:,} tokens per step "
@@ -350,7 +368,7 @@ class Trainer:
             lr = self.schedule(rs.iteration)
             began = time.perf_counter()
             result = train_step(self.chunks, microbatches, self.grads, self.optimizer, self.state, lr=lr,
-                                clip_grad=t.clip_grad)
+                                clip_grad=t.clip_grad, comm=self.comm)
             interval_time += time.perf_counter() - began
             interval_steps += 1
             rs.iteration += 1
