@@ -23,7 +23,7 @@ A pipeline schedule is a table: the order in which this rank runs its forward (F
 actions (:func:`one_f_one_b_order`, :func:`interleaved_order`). :func:`plan_ticks` simulates all
 ranks' tables in lockstep, in plain Python, the same way on every rank: at each tick every rank runs
 its next action if the tensors it needs arrived in an earlier tick, then all messages produced in the
-tick are exchanged. :func:`run_pipeline` executes this rank's part of the plan: its actions, and
+tick are exchanged. :func:`run_pipeline` executes this rank's part of the plan (:func:`rank_plan`): its actions, and
 after each tick that has traffic for it one batched exchange with its neighbours, which post the
 matching operations in the same tick. So the tables alone decide the order, and the exchange is
 deadlock-free by construction; a table that could never complete is refused by the simulation
@@ -31,6 +31,7 @@ before any work.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,14 +196,25 @@ def _activation_shape(chunks: list[nn.Module], microbatch: dict, state: Parallel
     return batch, seq // state.tp_size if sequence_parallel else seq, chunks[0].config.hidden_size
 
 
-def run_pipeline(orders: list[list[Action]], chunks: list[nn.Module], microbatches: list[dict], loss_fn: LossFn,
+@functools.lru_cache(maxsize=16)
+def rank_plan(schedule: str, pp: int, rank: int, num_microbatches: int, virtual_stages: int,
+              forward_only: bool) -> tuple[Tick, ...]:
+    """Rank ``rank``'s ticks of the ``schedule`` ("1f1b" or "interleaved") plan; a pure function of
+    its arguments, remembered because a run asks for the same few plans every step."""
+    if schedule == "1f1b":
+        orders = [one_f_one_b_order(pp, r, num_microbatches, forward_only) for r in range(pp)]
+    else:
+        orders = [interleaved_order(pp, r, num_microbatches, virtual_stages, forward_only) for r in range(pp)]
+    return tuple(plan_ticks(orders, virtual_stages)[rank])
+
+
+def run_pipeline(plan: tuple[Tick, ...], chunks: list[nn.Module], microbatches: list[dict], loss_fn: LossFn,
                  *, state: ParallelState, grads: GradBuffer | None, forward_only: bool, comm: PipelineComm | None,
                  stats: ScheduleStats | None = None) -> list[torch.Tensor]:
-    """Run this rank's part of the plan of ``orders`` (every rank's table)."""
+    """Run this rank's ticks of a plan (:func:`rank_plan`)."""
     pp, rank = state.pp_size, state.pp_rank
     v = len(chunks)
     comm = comm if comm is not None else PipelineComm(state)
-    plan = plan_ticks(orders, v)[rank]
     spec = (_activation_shape(chunks, microbatches[0], state), next(chunks[0].parameters()).dtype)
     last = len(microbatches) - 1
     inputs: dict[tuple[int, int], torch.Tensor] = {}       # received activations, until their forward
@@ -301,8 +313,8 @@ def forward_backward_1f1b(chunks, microbatches, loss_fn, *, state, grads, forwar
         raise ValueError(f"the 1F1B schedule runs one model chunk per rank, got {len(chunks)}")
     pp, m = state.pp_size, len(microbatches)
     check_microbatches(pp, 1, m)
-    orders = [one_f_one_b_order(pp, r, m, forward_only) for r in range(pp)]
-    return run_pipeline(orders, chunks, microbatches, loss_fn, state=state, grads=grads,
+    plan = rank_plan("1f1b", pp, state.pp_rank, m, 1, forward_only)
+    return run_pipeline(plan, chunks, microbatches, loss_fn, state=state, grads=grads,
                         forward_only=forward_only, comm=comm, stats=stats)
 
 
@@ -311,8 +323,8 @@ def forward_backward_interleaved(chunks, microbatches, loss_fn, *, state, grads,
     """Interleaved 1F1B over ``state.pp_size`` ranks of ``len(chunks)`` chunks each."""
     pp, v, m = state.pp_size, len(chunks), len(microbatches)
     check_microbatches(pp, v, m)
-    orders = [interleaved_order(pp, r, m, v, forward_only) for r in range(pp)]
-    return run_pipeline(orders, chunks, microbatches, loss_fn, state=state, grads=grads,
+    plan = rank_plan("interleaved", pp, state.pp_rank, m, v, forward_only)
+    return run_pipeline(plan, chunks, microbatches, loss_fn, state=state, grads=grads,
                         forward_only=forward_only, comm=comm, stats=stats)
 
 
