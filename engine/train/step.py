@@ -39,6 +39,9 @@ def global_loss_tokens(microbatches: list[dict], state: ParallelState, device) -
     """Loss tokens of the whole global batch: this rank's microbatches summed over DP. Counted on the
     host copies of the masks (before they move to the GPU), so no device sync per microbatch."""
     local = sum(float(mb["loss_mask"].sum()) for mb in microbatches)
+    if not math.isfinite(local):
+        raise ValueError(f"loss masks of this step sum to {local}: a loss_mask holds NaN or Inf "
+                         "(it must be 0/1 per token)")
     count = torch.tensor([local], dtype=torch.float64, device=device)
     if group_size(state.dp_group) > 1:
         dist.all_reduce(count, group=state.dp_group)
