@@ -165,3 +165,9 @@ def test_bf16_mixed_precision_keeps_fp32_masters_and_follows_the_curve(reference
     assert not torch.equal(opt.master, opt.master.to(torch.bfloat16).float()), "masters hold only bf16 values"
     for (_, start, end), master in zip(opt.pieces, opt.master_views):  # weights = masters rounded
         assert torch.equal(buffer.params[start:end], master.to(torch.bfloat16))
+
+
+def test_a_loss_mask_holding_nan_is_refused_by_name():
+    from engine.train.step import global_loss_tokens
+    with pytest.raises(ValueError, match="loss_mask holds NaN or Inf"):
+        global_loss_tokens([{"loss_mask": torch.tensor([[1.0, float("nan")]])}], single_process_state(), "cpu")
