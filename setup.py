@@ -20,5 +20,5 @@ setup(
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
     # torch is deliberately absent: scripts/setup.sh pins it so no CUDA build is pulled by accident.
-    install_requires=["numpy", "sentencepiece", "safetensors", "pyyaml", "tqdm", "tyro"],
+    install_requires=["numpy", "sentencepiece", "safetensors", "pyyaml", "tqdm", "tyro", "scikit-learn", "scipy"],
 )
