@@ -583,7 +583,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["pp"] for r in results["bubble"]})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 5.0), squeeze=False)
     for ax, pp in zip(axes[0], sizes):
         rows = [r for r in results["bubble"] if r["pp"] == pp]
         for v, color in zip(sorted({r["virtual_stages"] for r in rows}), ("tab:blue", "tab:orange", "tab:green")):
@@ -594,9 +594,9 @@ def plot(results: dict, path: str) -> None:
             ax.plot(fine, [theory_bubble(pp, x, v) for x in fine], color=color, label=f"{name}: theory")
             ax.plot(ms, [r["measured_idle_mean"] for r in mine], "o--", color=color, label=f"{name}: measured (wall)")
             ax.plot(ms, [r["replay_idle_mean"] for r in mine], "s:", color=color, mfc="none",
-                    label=f"{name}: replayed (CPU time, core per rank)")
-            ax.plot(ms, [r["schedule_idle_mean"] for r in mine], "x", color=color, ms=8,
-                    label=f"{name}: the tables, uniform tF, tB = measured ratio")
+                    label=f"{name}: replayed (CPU time, a core per rank)")
+            ax.plot(ms, [r["schedule_idle_mean"] for r in mine], "x", color=color, ms=9,
+                    label=f"{name}: the engine's tables, uniform tF and tB")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ms, [str(x) for x in ms])
         ax.set_xlabel("microbatches per step (m)")
@@ -604,8 +604,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_title(f"p = {pp} stages")
         ax.set_ylim(0, None)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -630,6 +630,7 @@ def parse_args(argv=None):
     p.add_argument("--exchange-repeats", type=int, default=50, help="timed round trips of one activation")
     p.add_argument("--memory-microbatches", type=int, default=8, help="microbatches of the memory runs (0: none)")
     p.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds for one launch")
+    p.add_argument("--from-json", help="measure nothing: write the tables and plot of this pipeline.json to --out")
     args = p.parse_args(argv)
     for name in ("repeats", "exchange_repeats", "virtual_stages") + tuple(asdict(ModelSize())):
         if getattr(args, name) < 1:
@@ -654,6 +655,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        return write_report(results, args.out, write_json=False)
     size = ModelSize(**{f: getattr(args, f) for f in asdict(ModelSize())})
     command = " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *(sys.argv[1:] if argv is None else argv)])
     results = {"machine": machine(), "command": command, "model": asdict(size), "warmup": args.warmup,
@@ -675,13 +680,18 @@ def main(argv=None) -> dict:
         results.setdefault("raw", {})[pp] = ranks
     results["seconds"] = time.perf_counter() - t0
     results["machine"]["load_average_after"] = list(os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pipeline.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    return write_report(results, args.out)
+
+
+def write_report(results: dict, out: str, write_json: bool = True) -> dict:
+    os.makedirs(out, exist_ok=True)
+    if write_json:
+        with open(os.path.join(out, "pipeline.json"), "w") as f:
+            json.dump(results, f, indent=1)
     text = tables(results)
-    with open(os.path.join(args.out, "tables.md"), "w") as f:
+    with open(os.path.join(out, "tables.md"), "w") as f:
         f.write(text + "\n")
-    plot(results, os.path.join(args.out, "pipeline_bubble.png"))
+    plot(results, os.path.join(out, "pipeline_bubble.png"))
     print(text)
     return results
 

@@ -48,6 +48,9 @@ def test_run_writes_json_tables_and_plot(run):
     assert (out / "pipeline_bubble.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for heading in ("### Cost of one exchange", "### Pipeline bubble", "### Activation memory"):
         assert heading in tables
+    again = out / "again"  # tables and plot redrawn from the JSON alone
+    _load().main(["--out", str(again), "--from-json", str(out / "pipeline.json")])
+    assert (again / "tables.md").read_text() == tables and (again / "pipeline_bubble.png").exists()
     exchange = results["exchange"]["2"]
     assert exchange["bytes"] == ACTIVATION_BYTES and exchange["round_trips"] == 3
     assert 0 < exchange["exchange_ms_min"] <= exchange["exchange_ms"] <= exchange["exchange_ms_max"]
