@@ -395,8 +395,9 @@ def test_pretrain_command_with_an_impossible_pipeline_stops_the_whole_job(tiny_d
     # A failed run (not a malformed command line): exit status 1, every rank naming the field.
     assert done.returncode == 1, where
     flat = " ".join(done.stderr.split())
-    for rank in (0, 1):
-        assert f"pretrain.py: error (rank {rank}): " in done.stderr, where
+    # Each rank fails by itself at set-up, before any collective; torchrun ends the job at the first
+    # failure, so a slower rank may be stopped before it prints its own line.
+    assert "pretrain.py: error (rank " in done.stderr, where
     assert BAD_PIPELINES[case][1] in flat, where
     assert "layout:" not in done.stdout and "iteration 1/" not in done.stdout, where
     assert seconds < 60, f"took {seconds:.0f} s, the group timeout is 300 s: a rank waited\n{where}"
