@@ -10,17 +10,22 @@ killed on error or timeout) building their chunks with build_model_chunks. They 
   exchange  ranks 0 and 1 bounce one activation [micro batch, seq, hidden] through PipelineComm.exchange;
             one exchange costs half the round trip.
   bubble    per schedule and microbatch count m, warm-up then timed steps of forward_backward, every
-            exchange timed on entry and exit by CLOCK_MONOTONIC (one clock for all processes) and by
-            the thread's CPU time. A rank is busy outside exchanges and idle inside them (waiting for a
-            neighbour is idle). Measured idle share of rank r: 1 - r's busy wall time / step span (first
-            rank's start to last rank's end). Replayed: the step re-timed in plain Python from each
-            rank's busy CPU time between exchanges plus the measured exchange cost, as if each rank had
-            a core (an exchange ends when both ends have posted it, plus its cost): with more ranks
-            than cores the wall clock counts a ready but descheduled rank as busy; the replay does not.
+            post of an exchange and every wait on one (for what it receives, before the action that
+            reads it; for what it sent, before freeing it) timed on entry and exit by CLOCK_MONOTONIC
+            (one clock for all processes) and by the thread's CPU time. A rank is idle inside waits and
+            busy elsewhere, posts included. Measured idle share of rank r: 1 - r's busy wall time /
+            step span (first rank's start to last rank's end). Replayed: the step re-timed in plain
+            Python from each rank's busy CPU time between events plus the measured exchange cost, as
+            if each rank had a core, in the engine's way (posts never block; a wait ends when its
+            tensors arrived, the cost after both ends posted) and in lockstep (every exchange waited
+            for at once, as an engine blocking in each exchange would): with more ranks than
+            cores the wall clock counts a ready but descheduled rank as busy; the replay does not.
   memory    per schedule, sent outputs freed (the engine) and not (free_storage a no-op in the worker):
             peak bytes of the tensors autograd saves for backward (saved_tensors_hooks, once per storage
             while a saved tensor holds it; parameters, buffers and module caches excluded), the bytes
             each (microbatch, chunk) forward saves, sent outputs still held, ScheduleStats.max_in_flight.
+
+--baseline OLD/pipeline.json shows an earlier run's idle shares beside this run's (table and plot).
 """
 from __future__ import annotations
 
@@ -108,19 +113,7 @@ def _peers(tick, rank: int, pp: int) -> set[int]:
 def uniform_busy(plan: list[list], forward_s, backward_s) -> list[list[float]]:
     """Busy times for :func:`replay_step` when every forward takes ``forward_s`` and every backward
     ``backward_s`` (seconds, or one value per rank): the bubble of the tables themselves."""
-    busy = []
-    for r, ticks in enumerate(plan):
-        f = forward_s[r] if isinstance(forward_s, list) else forward_s
-        b = backward_s[r] if isinstance(backward_s, list) else backward_s
-        segments, current = [], 0.0
-        for tick in ticks:
-            if tick.action is not None:
-                current += f if tick.action.kind == "F" else b
-            if tick.send or tick.recv_prev or tick.recv_next:
-                segments.append(current)
-                current = 0.0
-        busy.append(segments + [current])
-    return busy
+    return [lockstep_busy(e, b) for e, b in zip(*engine_events(plan, forward_s, backward_s))]
 
 
 def dataflow_idle(orders: list[list], virtual_stages: int, forward_s: float, backward_s: float) -> list[float]:
@@ -150,17 +143,21 @@ def dataflow_idle(orders: list[list], virtual_stages: int, forward_s: float, bac
     return [1 - sum(forward_s if a.kind == "F" else backward_s for a in order) / span for order in orders]
 
 
+def traffic_ticks(plan: list[list]) -> list[list[int]]:
+    """Per rank, the ticks with traffic: its k-th post is the exchange of tick traffic_ticks[r][k]."""
+    return [[t for t, tick in enumerate(ticks) if tick.send or tick.recv_prev or tick.recv_next] for ticks in plan]
+
+
 def replay_step(plan: list[list], busy: list[list[float]], exchange_s: float) -> dict:
-    """Re-time a step with one core per rank.
+    """Re-time a step with one core per rank, exchanging in lockstep: each tick's exchange waits for
+    all its sends and receives at once (a model of an engine that blocks in every exchange).
 
     ``busy[r]``: rank r's busy seconds before each of its exchanges, then after the last one
     (len = exchanges + 1). A rank posts its exchange of tick t when it is done with the busy time
     before it; the exchange ends ``exchange_s`` after the last of its two ends posted it.
     Returns the span and, per rank, the idle share 1 - busy / span.
     """
-    pp = len(plan)
-    ticks = [[t for t, tick in enumerate(plan[r]) if tick.send or tick.recv_prev or tick.recv_next]
-             for r in range(pp)]
+    pp, ticks = len(plan), traffic_ticks(plan)
     for r in range(pp):
         if len(busy[r]) != len(ticks[r]) + 1:
             raise ValueError(f"rank {r}: {len(busy[r])} busy times for {len(ticks[r])} exchanges (need one more)")
@@ -178,6 +175,107 @@ def replay_step(plan: list[list], busy: list[list[float]], exchange_s: float) ->
     return {"span_s": span, "idle": [1 - sum(b) / span for b in busy]}
 
 
+def engine_events(plan: list[list], forward_s, backward_s) -> tuple[list[list], list[list[float]]]:
+    """The events of a step as :func:`run_pipeline` executes ``plan``, every forward taking
+    ``forward_s`` and every backward ``backward_s`` (seconds, or one value per rank): per rank the
+    events ("post", k) after each tick with traffic, ("recv", k) before the action that reads what
+    post k received, ("sent", k) at the end for every post with sends; and the busy seconds before
+    each event, then after the last (the inputs of :func:`replay_posted`)."""
+    events, busy = [], []
+    for r, ticks in enumerate(plan):
+        f = forward_s[r] if isinstance(forward_s, list) else forward_s
+        b = backward_s[r] if isinstance(backward_s, list) else backward_s
+        mine, segments, current, received_by, sends, k = [], [], 0.0, {}, [], 0
+        for tick in ticks:
+            if tick.action is not None:
+                if tick.action in received_by:
+                    mine.append(("recv", received_by.pop(tick.action)))
+                    segments.append(current)
+                    current = 0.0
+                current += f if tick.action.kind == "F" else b
+            if tick.send or tick.recv_prev or tick.recv_next:
+                mine.append(("post", k))
+                segments.append(current)
+                current = 0.0
+                received_by.update({a: k for a in (tick.recv_prev, tick.recv_next) if a is not None})
+                sends += [k] if tick.send else []
+                k += 1
+        for k in sends:
+            mine.append(("sent", k))
+            segments.append(current)
+            current = 0.0
+        events.append(mine)
+        busy.append(segments + [current])
+    return events, busy
+
+
+def replay_posted(plan: list[list], events: list[list], busy: list[list[float]], exchange_s: float) -> dict:
+    """Re-time a step with one core per rank as the engine exchanges: posts never block; a
+    ("recv", k) wait ends when every tensor post k receives has arrived, and a ("sent", k) wait when
+    every tensor it sends has; a tensor arrives ``exchange_s`` after the later of its two ends posted
+    the tick's exchange (gloo moves a message once both ends posted it).
+
+    ``events[r]``: rank r's events in order, ("post" | "recv" | "sent", k) with k its post count;
+    ``busy[r]``: busy seconds before each event, then after the last. Returns the span and, per
+    rank, the idle share 1 - busy / span.
+    """
+    pp, traffic = len(plan), traffic_ticks(plan)
+    for r in range(pp):
+        if len(busy[r]) != len(events[r]) + 1:
+            raise ValueError(f"rank {r}: {len(busy[r])} busy times for {len(events[r])} events (need one more)")
+        posts = [k for kind, k in events[r] if kind == "post"]
+        if posts != list(range(len(traffic[r]))):
+            raise ValueError(f"rank {r}: posts {posts[:8]}... are not its {len(traffic[r])} exchanges in order")
+    posted: list[dict[int, float]] = [{} for _ in range(pp)]  # rank -> tick -> time of its post
+    clock, position = [0.0] * pp, [0] * pp
+
+    def peers(r: int, kind: str, tick) -> list[int]:
+        if kind == "recv":
+            found = [(r - 1) % pp] * bool(tick.recv_prev) + [(r + 1) % pp] * bool(tick.recv_next)
+        else:
+            found = [(r + 1) % pp if tick.send == "next" else (r - 1) % pp] if tick.send else []
+        if not found:
+            raise ValueError(f"rank {r}: a {kind!r} wait on tick {tick} that has no such traffic")
+        return found
+
+    while any(position[r] < len(events[r]) for r in range(pp)):
+        progressed = False
+        for r in range(pp):
+            while position[r] < len(events[r]):
+                kind, k = events[r][position[r]]
+                if not 0 <= k < len(traffic[r]):
+                    raise ValueError(f"rank {r}: event {kind!r} of post {k}; it has {len(traffic[r])} exchanges")
+                t = traffic[r][k]
+                ready = clock[r] + busy[r][position[r]]
+                if kind == "post":
+                    posted[r][t] = clock[r] = ready
+                else:
+                    if t not in posted[r]:
+                        raise ValueError(f"rank {r}: waits on post {k} before making it")
+                    ends = peers(r, kind, plan[r][t])
+                    if not all(t in posted[q] for q in ends):
+                        break
+                    clock[r] = max([ready] + [max(posted[r][t], posted[q][t]) + exchange_s for q in ends])
+                position[r] += 1
+                progressed = True
+        if not progressed:
+            raise ValueError("the events cannot complete: every rank waits for a post that never comes")
+    span = max(clock[r] + busy[r][-1] for r in range(pp))
+    return {"span_s": span, "idle": [1 - sum(b) / span for b in busy]}
+
+
+def lockstep_busy(events: list, busy: list[float]) -> list[float]:
+    """The busy seconds of :func:`replay_step` from those of :func:`replay_posted`: the busy time
+    between consecutive posts (waits put in no busy time of their own)."""
+    segments, current = [], 0.0
+    for (kind, _), seconds in zip(events, busy):
+        current += seconds
+        if kind == "post":
+            segments.append(current)
+            current = 0.0
+    return segments + [current + busy[-1]]
+
+
 # ------------------------------------------------------------------------------ worker pieces
 def wall() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)  # the same clock in every process
@@ -186,12 +284,12 @@ def wall() -> float:
 class SavedTensorBytes:
     """Live and peak bytes of the tensors autograd saves for backward, counted once per storage,
     with the storages of ``excluded`` tensors (parameters, buffers) left out; plus the bytes of
-    sent activations still alive (registered with :meth:`sent`), sampled at every save and exchange."""
+    sent activations still alive (registered with :meth:`sent`), sampled at every save and post."""
 
     def __init__(self, excluded: list[torch.Tensor]):
         self.excluded = {t.untyped_storage().data_ptr() for t in excluded}
         self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, saved tensors holding it]
-        self.current = self.peak = self.peak_sent = self.peak_total = 0
+        self.current = self.peak = self.peak_sent = self.peak_total = self.sent_count = 0
         self._sent: list[weakref.ref] = []
 
     def pack(self, tensor: torch.Tensor):
@@ -219,6 +317,7 @@ class SavedTensorBytes:
 
     def sent(self, tensor: torch.Tensor) -> None:
         self._sent.append(weakref.ref(tensor))
+        self.sent_count += 1
 
     def sample(self) -> None:
         alive = [t for t in (r() for r in self._sent) if t is not None]
@@ -240,23 +339,53 @@ class _Saved:
 
 
 class TimedComm(PipelineComm):
-    """A PipelineComm that records the two clocks on entry to and exit from every exchange."""
+    """A PipelineComm that stamps every post and every wait of its transfers by the two clocks.
+
+    ``records`` (while a list): one (kind, post count k, entry wall, exit wall, entry CPU, exit CPU)
+    per event, kind "post" (the k-th post), "recv" (a wait for what post k receives) or "sent" (a
+    wait for what it sends). Time inside waits is idle; everything else, posts included, is busy."""
 
     def __init__(self, state):
         super().__init__(state)
-        self.records: list[tuple[float, float, float, float]] | None = None
+        self.records: list[tuple] | None = None
+        self.posts = 0  # posts since records was last set
         self.tracker: SavedTensorBytes | None = None
 
-    def exchange(self, **kwargs):
+    def post(self, **kwargs):
         if self.tracker is not None:
             self.tracker.sample()  # before this send: previously sent outputs still held
             if kwargs.get("send_next") is not None:
                 self.tracker.sent(kwargs["send_next"])
-        entry_wall, entry_cpu = wall(), time.thread_time()
-        out = super().exchange(**kwargs)
+        count, self.posts = self.posts, self.posts + 1
+        entry = wall(), time.thread_time()
+        transfer = TimedTransfer(super().post(**kwargs), self, count)
+        self.stamp("post", count, entry)
+        return transfer
+
+    def stamp(self, kind: str, count: int, entry: tuple[float, float]) -> None:
         if self.records is not None:
-            self.records.append((entry_wall, wall(), entry_cpu, time.thread_time()))
-        return out
+            self.records.append((kind, count, entry[0], wall(), entry[1], time.thread_time()))
+
+
+class TimedTransfer:
+    """A posted :class:`Transfer` whose waits its comm stamps; what the schedule reads passes through."""
+
+    def __init__(self, transfer, comm: TimedComm, count: int):
+        self.transfer, self.comm, self.count = transfer, comm, count
+        self.from_prev, self.from_next = transfer.from_prev, transfer.from_next
+
+    def wait_received(self) -> None:
+        entry = wall(), time.thread_time()
+        self.transfer.wait_received()
+        self.comm.stamp("recv", self.count, entry)
+
+    def sent(self) -> bool:
+        return self.transfer.sent()
+
+    def wait_sent(self) -> None:
+        entry = wall(), time.thread_time()
+        self.transfer.wait_sent()
+        self.comm.stamp("sent", self.count, entry)
 
 
 def random_microbatches(size: ModelSize, count: int, seed: int) -> list[dict]:
@@ -293,7 +422,7 @@ class Pipeline:
         if loss_wrapper is not None:
             loss_fn = loss_wrapper(loss_fn)
         stats = ScheduleStats()
-        self.comm.records, self.forward_cpu = [], 0.0
+        self.comm.records, self.comm.posts, self.forward_cpu = [], 0, 0.0
         dist.barrier(group=state.pp_group)
         start_wall, start_cpu = wall(), time.thread_time()
         forward_backward(self.chunks, microbatches, loss_fn, state=state, grads=self.grads,
@@ -302,12 +431,20 @@ class Pipeline:
         records, self.comm.records = self.comm.records, None
         self.grads.finalize()
         self.grads.zero_grads()
-        # Busy time before each exchange and after the last one, by both clocks.
-        marks_wall = [start_wall] + [x for r in records for x in r[:2]] + [end_wall]
-        marks_cpu = [start_cpu] + [x for r in records for x in r[2:]] + [end_cpu]
-        busy = lambda marks: [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
-        return {"start": start_wall, "end": end_wall, "busy_wall": busy(marks_wall), "busy_cpu": busy(marks_cpu),
-                "forward_cpu": self.forward_cpu, "schedule_compute_s": stats.compute_s,
+        # Busy time before each event and after the last; a post's own time is busy, a wait's idle.
+        marks_wall = [start_wall] + [x for r in records for x in r[2:4]] + [end_wall]
+        marks_cpu = [start_cpu] + [x for r in records for x in r[4:6]] + [end_cpu]
+
+        def busy(marks):
+            gaps = [marks[2 * i + 1] - marks[2 * i] for i in range(len(records) + 1)]
+            for i, record in enumerate(records):
+                if record[0] == "post":
+                    gaps[i] += marks[2 * i + 2] - marks[2 * i + 1]
+            return gaps
+
+        return {"start": start_wall, "end": end_wall, "events": [list(r[:2]) for r in records],
+                "busy_wall": busy(marks_wall), "busy_cpu": busy(marks_cpu), "forward_cpu": self.forward_cpu,
+                "schedule_compute_s": stats.compute_s, "schedule_comm_s": stats.comm_s,
                 "max_in_flight": stats.max_in_flight}, stats
 
 
@@ -389,7 +526,8 @@ def worker_memory(spec: dict, state, size: ModelSize) -> list[dict]:
                          "max_in_flight": stats.max_in_flight, "peak_saved_bytes": tracker.peak,
                          "trace_peak_bytes": trace_peak(stats.trace, units),
                          "left_saved_bytes": tracker.current, "unit_saved_bytes": units,
-                         "peak_sent_held_bytes": tracker.peak_sent, "peak_total_bytes": tracker.peak_total})
+                         "peak_sent_held_bytes": tracker.peak_sent, "peak_total_bytes": tracker.peak_total,
+                         "sent_outputs": tracker.sent_count})
     return rows
 
 
@@ -457,30 +595,42 @@ def summarize_bubble(ranks: list[dict], pp: int, exchange_s: float) -> list[dict
         plan = plan_ticks(orders, v)
         spans = [max(s["end"] for s in steps) - min(s["start"] for s in steps) for steps in by_step]
         measured = [[1 - sum(s["busy_wall"]) / span for s in steps] for steps, span in zip(by_step, spans)]
-        replays = [replay_step(plan, [s["busy_cpu"] for s in steps], exchange_s) for steps in by_step]
+        replays = [replay_posted(plan, [s["events"] for s in steps], [s["busy_cpu"] for s in steps], exchange_s)
+                   for steps in by_step]
+        lockstep = [replay_step(plan, [lockstep_busy(s["events"], s["busy_cpu"]) for s in steps], exchange_s)
+                    for steps in by_step]
         # Per rank, mean forward and backward (with the loss and the schedule's own work) CPU time.
         forward = [med(s["forward_cpu"] for s in steps) / (m * v) for steps in per_rank]
         backward = [med(sum(s["busy_cpu"]) - s["forward_cpu"] for s in steps) / (m * v) for steps in per_rank]
         ratio = sum(backward) / sum(forward)
         own = replay_step(plan, uniform_busy(plan, 1.0 / v, ratio / v), 0.0)
+        posted = replay_posted(plan, *engine_events(plan, 1.0 / v, ratio / v), 0.0)
         dataflow = dataflow_idle(orders, v, 1.0 / v, ratio / v)
-        staged = replay_step(plan, uniform_busy(plan, forward, backward), exchange_s)
-        measured_idle = [med(x) for x in zip(*measured)]
-        replay_idle = [med(x) for x in zip(*(r["idle"] for r in replays))]
+        staged = replay_posted(plan, *engine_events(plan, forward, backward), exchange_s)
+        idle = lambda runs: [med(x) for x in zip(*(r["idle"] for r in runs))]
+        measured_idle, replay_idle, lockstep_idle = [med(x) for x in zip(*measured)], idle(replays), idle(lockstep)
         rows.append({
             "pp": pp, "schedule": schedule_name(v), "virtual_stages": v, "microbatches": m, "steps": len(spans),
             "theory": theory_bubble(pp, m, v), "backward_over_forward": ratio,
             "schedule_idle": own["idle"], "schedule_idle_mean": mean(own["idle"]),
+            "posted_idle": posted["idle"], "posted_idle_mean": mean(posted["idle"]),
             "dataflow_idle": dataflow, "dataflow_idle_mean": mean(dataflow),
             "stage_mean_idle": staged["idle"], "stage_mean_idle_mean": mean(staged["idle"]),
             "replay_idle": replay_idle, "replay_idle_mean": mean(replay_idle),
+            "lockstep_replay_idle": lockstep_idle, "lockstep_replay_idle_mean": mean(lockstep_idle),
             "measured_idle": measured_idle, "measured_idle_mean": mean(measured_idle),
             "span_ms": med(spans) * 1e3, "replay_span_ms": med(r["span_s"] for r in replays) * 1e3,
+            "lockstep_replay_span_ms": med(r["span_s"] for r in lockstep) * 1e3,
             "forward_ms": [f * 1e3 for f in forward], "backward_ms": [b * 1e3 for b in backward],
             "busy_wall_ms": [med(sum(s["busy_wall"]) for s in steps) * 1e3 for steps in per_rank],
             "busy_cpu_ms": [med(sum(s["busy_cpu"]) for s in steps) * 1e3 for steps in per_rank],
+            "schedule_compute_ms": [med(s["schedule_compute_s"] for s in steps) * 1e3 for steps in per_rank],
+            "wait_wall_ms": [med(s["end"] - s["start"] - sum(s["busy_wall"]) for s in steps) * 1e3
+                             for steps in per_rank],
             "max_in_flight": [steps[0]["max_in_flight"] for steps in per_rank],
             "in_flight_promise": [in_flight_promise(pp, r, m, v) for r in range(pp)],
+            "event_counts": [{kind: sum(e[0] == kind for e in steps[0]["events"]) for kind in ("post", "recv", "sent")}
+                             for steps in per_rank],
             "trace_matches_table": all([[a.kind, a.microbatch, a.chunk] for a in orders[r]] == ranks[r]["bubble"][i]["trace"]
                                        for r in range(pp))})
     return rows
@@ -504,7 +654,7 @@ def summarize_memory(ranks: list[dict], pp: int) -> list[dict]:
                          "peak_over_last_rank": x["peak_saved_bytes"] / last,
                          "promise_over_last_rank": promise[r] / promise[-1],
                          "left_saved_bytes": x["left_saved_bytes"],
-                         "peak_sent_held_mib": x["peak_sent_held_bytes"] / 2**20,
+                         "peak_sent_held_mib": x["peak_sent_held_bytes"] / 2**20, "sent_outputs": x["sent_outputs"],
                          "peak_total_mib": x["peak_total_bytes"] / 2**20} for r, x in enumerate(per_rank)]})
     return rows
 
@@ -543,14 +693,27 @@ def tables(results: dict) -> str:
                     [[pp, e["bytes"], f"{e['exchange_ms']:.3f} ({e['exchange_ms_min']:.3f}-{e['exchange_ms_max']:.3f})",
                       e["round_trips"]] for pp, e in results["exchange"].items()])
     out += ["### Pipeline bubble: idle share of the step, mean over ranks (medians over steps)", ""]
-    out += md_table(["p", "schedule", "m", "theory", "tables, sends not waited", "tables, uniform tF, tB",
-                     "+ stage imbalance, exchanges",
-                     "replayed (CPU time)", "measured (wall)", "span ms: measured / replayed", "tB/tF"],
+    out += md_table(["p", "schedule", "m", "theory", "tables, waits at use", "tables, lockstep",
+                     "+ stage imbalance, exchanges", "replayed (CPU time)", "replayed in lockstep",
+                     "measured (wall)", "span ms: measured / replayed", "tB/tF"],
                     [[r["pp"], r["schedule"], r["microbatches"], f"{r['theory']:.1%}",
-                      f"{r['dataflow_idle_mean']:.1%}", f"{r['schedule_idle_mean']:.1%}", f"{r['stage_mean_idle_mean']:.1%}",
-                      f"{r['replay_idle_mean']:.1%}", f"{r['measured_idle_mean']:.1%}",
-                      f"{r['span_ms']:.0f} / {r['replay_span_ms']:.0f}", f"{r['backward_over_forward']:.2f}"]
-                     for r in results["bubble"]])
+                      f"{r['posted_idle_mean']:.1%}", f"{r['schedule_idle_mean']:.1%}", f"{r['stage_mean_idle_mean']:.1%}",
+                      f"{r['replay_idle_mean']:.1%}", f"{r['lockstep_replay_idle_mean']:.1%}",
+                      f"{r['measured_idle_mean']:.1%}", f"{r['span_ms']:.0f} / {r['replay_span_ms']:.0f}",
+                      f"{r['backward_over_forward']:.2f}"] for r in results["bubble"]])
+    if results.get("baseline"):
+        base = results["baseline"]
+        before = {(r["pp"], r["schedule"], r["microbatches"]): r for r in base["rows"]}
+        out += [f"### Against the baseline run (commit {base['commit'][:7]}, {base['date']}, "
+                "the engine waiting for each tick's exchange in lockstep)", ""]
+        out += md_table(["p", "schedule", "m", "theory", "before: measured", "before: replayed",
+                         "now: measured", "now: replayed", "now: replayed in lockstep", "span ms: before / now"],
+                        [[r["pp"], r["schedule"], r["microbatches"], f"{r['theory']:.1%}",
+                          f"{b['measured_idle_mean']:.1%}", f"{b['replay_idle_mean']:.1%}",
+                          f"{r['measured_idle_mean']:.1%}", f"{r['replay_idle_mean']:.1%}",
+                          f"{r['lockstep_replay_idle_mean']:.1%}", f"{b['span_ms']:.0f} / {r['span_ms']:.0f}"]
+                         for r in results["bubble"]
+                         if (b := before.get((r["pp"], r["schedule"], r["microbatches"]))) is not None])
     out += ["### Pipeline bubble per rank (0 / 1 / ...)", ""]
     out += md_table(["p", "schedule", "m", "measured (wall)", "replayed (CPU time)", "busy CPU ms",
                      "forward / backward CPU ms per (microbatch, chunk)", "max in flight (promise)"],
@@ -569,11 +732,11 @@ def tables(results: dict) -> str:
                              f"{x['peak_saved_mib']:.2f}", f"{x['unit_saved_mib']:.3f}", f"{x['peak_in_units']:.2f}",
                              f"{x['peak_over_in_flight_forwards']:.3f}",
                              f"{x['peak_over_last_rank']:.2f} ({x['promise_over_last_rank']:.2f})",
-                             f"{x['peak_sent_held_mib']:.3f}", f"{x['peak_total_mib']:.2f}"])
+                             f"{x['peak_sent_held_mib']:.3f} ({x['sent_outputs']})", f"{x['peak_total_mib']:.2f}"])
         out += md_table(["p", "schedule", "m", "free sent", "rank", "max in flight (promise)", "peak saved MiB",
                          "one forward saves MiB", "peak / one forward", "peak / in-flight forwards' sum",
                          "peak / last rank's (promise)",
-                         "sent outputs held MiB", "peak saved + held MiB"], rows)
+                         "sent outputs held MiB (outputs sent)", "peak saved + held MiB"], rows)
     return "\n".join(out)
 
 
@@ -595,8 +758,12 @@ def plot(results: dict, path: str) -> None:
             ax.plot(ms, [r["measured_idle_mean"] for r in mine], "o--", color=color, label=f"{name}: measured (wall)")
             ax.plot(ms, [r["replay_idle_mean"] for r in mine], "s:", color=color, mfc="none",
                     label=f"{name}: replayed (CPU time, a core per rank)")
-            ax.plot(ms, [r["schedule_idle_mean"] for r in mine], "x", color=color, ms=9,
-                    label=f"{name}: the engine's tables, uniform tF and tB")
+            before = {(b["pp"], b["schedule"], b["microbatches"]): b for b in results.get("baseline", {}).get("rows", [])}
+            old = [(r["microbatches"], before[(pp, name, r["microbatches"])]["measured_idle_mean"])
+                   for r in mine if (pp, name, r["microbatches"]) in before]
+            if old:
+                ax.plot(*zip(*old), "^", color=color, alpha=0.45, ms=8,
+                        label=f"{name}: measured before (commit {results['baseline']['commit'][:7]}, lockstep waits)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ms, [str(x) for x in ms])
         ax.set_xlabel("microbatches per step (m)")
@@ -631,6 +798,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-microbatches", type=int, default=8, help="microbatches of the memory runs (0: none)")
     p.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds for one launch")
     p.add_argument("--from-json", help="measure nothing: write the tables and plot of this pipeline.json to --out")
+    p.add_argument("--baseline", help="a pipeline.json of an earlier run, whose idle shares the tables and plot "
+                                      "show beside this run's")
     args = p.parse_args(argv)
     for name in ("repeats", "exchange_repeats", "virtual_stages") + tuple(asdict(ModelSize())):
         if getattr(args, name) < 1:
@@ -655,14 +824,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)
+        if baseline is not None:
+            results["baseline"] = baseline
         return write_report(results, args.out, write_json=False)
     size = ModelSize(**{f: getattr(args, f) for f in asdict(ModelSize())})
     command = " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *(sys.argv[1:] if argv is None else argv)])
     results = {"machine": machine(), "command": command, "model": asdict(size), "warmup": args.warmup,
                "repeats": args.repeats, "exchange": {}, "bubble": [], "memory": []}
+    if baseline is not None:
+        results["baseline"] = baseline
     t0 = time.perf_counter()
     schedules = [1, args.virtual_stages]
     for pp in args.pp_sizes:
@@ -681,6 +855,18 @@ def main(argv=None) -> dict:
     results["seconds"] = time.perf_counter() - t0
     results["machine"]["load_average_after"] = list(os.getloadavg())
     return write_report(results, args.out)
+
+
+def load_baseline(path: str) -> dict:
+    """The idle shares of an earlier run's pipeline.json, with its commit, date and load."""
+    with open(path) as f:
+        earlier = json.load(f)
+    if not earlier.get("bubble"):
+        raise SystemExit(f"--baseline {path}: no bubble rows in it (not a pipeline.json of this benchmark?)")
+    keys = ("pp", "schedule", "microbatches", "measured_idle_mean", "replay_idle_mean", "span_ms", "replay_span_ms")
+    machine_ = earlier["machine"]
+    return {"commit": machine_["commit"], "date": machine_["date"], "load_average": machine_.get("load_average"),
+            "rows": [{k: row[k] for k in keys} for row in earlier["bubble"]]}
 
 
 def write_report(results: dict, out: str, write_json: bool = True) -> dict:

@@ -1,7 +1,9 @@
 """benchmarks/bench_pipeline.py: a tiny run (p = 2, m = 2 and 4, both schedules) writes pipeline.json,
-tables.md and the plot, with idle shares in range, in-flight counts equal to the schedule's promise
-(hand-computed) and saved-for-backward peaks equal to the in-flight forwards; its replay against the
-bubble formulas, its saved-bytes counter against hand-counted bytes, and its argument checks."""
+tables.md and the plot, with idle shares in range, the stamped posts and waits those of the engine's
+plan, in-flight counts equal to the schedule's promise (hand-computed) and saved-for-backward peaks
+equal to the in-flight forwards; its two replays (the engine's waits at the point of use, and
+lockstep) against the bubble formulas and a hand-timed step, its saved-bytes counter against
+hand-counted bytes, and its argument checks."""
 import json
 import os
 import sys
@@ -25,7 +27,11 @@ def _load():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_pipeline")
-    argv = ["--out", str(out), "--hidden", str(H), "--layers", str(LAYERS), "--heads", str(HEADS),
+    baseline = out / "baseline.json"  # an earlier run's idle shares, to be shown beside this run's
+    baseline.write_text(json.dumps({"machine": {"commit": "f" * 40, "date": "2026-01-01 00:00 UTC"}, "bubble": [
+        {"pp": 2, "schedule": "1F1B", "microbatches": 4, "measured_idle_mean": 0.25, "replay_idle_mean": 0.125,
+         "span_ms": 100.0, "replay_span_ms": 90.0}]}))
+    argv = ["--out", str(out), "--baseline", str(baseline), "--hidden", str(H), "--layers", str(LAYERS), "--heads", str(HEADS),
             "--intermediate", str(INTER), "--vocab", str(VOCAB), "--seq", str(SEQ), "--pp-sizes", "2",
             "--microbatches", "2,4", "--memory-microbatches", "4", "--warmup", "1", "--repeats", "2",
             "--exchange-repeats", "3", "--worker-timeout", "120"]
@@ -46,8 +52,11 @@ def test_run_writes_json_tables_and_plot(run):
     assert results["machine"]["cores"] >= 1 and len(results["machine"]["commit"]) == 40
     assert "--out" in results["command"] and results["model"]["hidden"] == H
     assert (out / "pipeline_bubble.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for heading in ("### Cost of one exchange", "### Pipeline bubble", "### Activation memory"):
+    for heading in ("### Cost of one exchange", "### Pipeline bubble", "### Activation memory",
+                    "### Against the baseline run (commit fffffff"):
         assert heading in tables
+    assert "| 2 | 1F1B | 4 | 20.0% | 25.0% | 12.5% |" in tables  # the baseline's row, beside this run's
+    assert results["baseline"]["rows"][0]["measured_idle_mean"] == 0.25
     again = out / "again"  # tables and plot redrawn from the JSON alone
     _load().main(["--out", str(again), "--from-json", str(out / "pipeline.json")])
     assert (again / "tables.md").read_text() == tables and (again / "pipeline_bubble.png").exists()
@@ -57,7 +66,7 @@ def test_run_writes_json_tables_and_plot(run):
 
 
 def test_bubble_rows_are_in_range_and_follow_the_tables(run):
-    rows = run[0]["bubble"]
+    bp, rows = _load(), run[0]["bubble"]
     assert sorted((r["schedule"], r["microbatches"]) for r in rows) == sorted(THEORY)
     for r in rows:
         key = (r["schedule"], r["microbatches"])
@@ -65,9 +74,23 @@ def test_bubble_rows_are_in_range_and_follow_the_tables(run):
         assert r["trace_matches_table"]
         assert r["max_in_flight"] == r["in_flight_promise"] == PROMISE[key]
         for idle in r["measured_idle"] + r["replay_idle"] + r["schedule_idle"] + r["stage_mean_idle"] + \
-                r["dataflow_idle"]:
+                r["dataflow_idle"] + r["posted_idle"] + r["lockstep_replay_idle"]:
             assert 0 <= idle < 1
+        # Uniform costs and waits at the point of use: the engine's plan runs as the dataflow, the formula.
+        assert r["posted_idle"] == pytest.approx(r["dataflow_idle"])
+        assert r["posted_idle"] == pytest.approx([r["theory"]] * 2)
         assert all(0 < busy <= r["span_ms"] for busy in r["busy_wall_ms"])
+        assert all(0 <= wait < r["span_ms"] for wait in r["wait_wall_ms"])
+        # The schedule's compute time leaves out posts and polls, which the benchmark counts as busy.
+        assert all(0 < c <= b for c, b in zip(r["schedule_compute_ms"], r["busy_wall_ms"]))
+        # One post per tick with traffic, one wait per action that reads a received tensor, and waits
+        # for sends only for those with sends (hand-counted: F of a non-first and B of a non-last stage).
+        v, m, pp = r["virtual_stages"], r["microbatches"], 2
+        plan = bp.schedule_plan(pp, m, v)
+        for rank, counts in enumerate(r["event_counts"]):
+            reads = 2 * m * v - m * (rank == 0) - m * (rank == pp - 1)  # stage 0's F, the last stage's B: none
+            assert counts["post"] == len(bp.traffic_ticks(plan)[rank]) and counts["recv"] == reads
+            assert 0 <= counts["sent"] <= sum(1 for t in plan[rank] if t.send)
         assert all(b > 0 for b in r["busy_cpu_ms"]) and r["backward_over_forward"] > 0
         assert all(f > 0 and b > 0 for f, b in zip(r["forward_ms"], r["backward_ms"]))
         if r["schedule"] == "1F1B":  # uniform costs: the 1F1B tables give the formula exactly
@@ -83,18 +106,24 @@ def test_memory_peaks_are_the_in_flight_forwards(run):
             assert x["max_in_flight"] == x["in_flight_promise"] == PROMISE[(row["schedule"], 4)][x["rank"]]
             assert x["peak_over_in_flight_forwards"] == pytest.approx(1.0, abs=1e-12)
             assert x["left_saved_bytes"] == 0  # every saved tensor is released by the step's backwards
+            # Hand-counted sends of activations at p = 2, m = 4: 1F1B rank 0 all m forwards, the last rank
+            # none; interleaved v = 2 rank 0 both chunks' (2 m), rank 1 its first chunk's (m).
+            sends = {"1F1B": [4, 0], "interleaved v=2": [8, 4]}[row["schedule"]][x["rank"]]
+            assert x["sent_outputs"] == sends
             held = x["peak_sent_held_mib"] * 2**20
-            if row["free_storage"]:
-                assert held < ACTIVATION_BYTES  # freed outputs keep a one-element storage
-            elif x["rank"] == 0 or row["schedule"] != "1F1B":  # ranks that send activations
-                assert held % ACTIVATION_BYTES == 0 and 1 <= held // ACTIVATION_BYTES <= x["max_in_flight"]
+            if not row["free_storage"] and sends:  # whole outputs, at least one and at most every one sent
+                assert held % ACTIVATION_BYTES == 0 and 1 <= held // ACTIVATION_BYTES <= sends
+            if row["free_storage"]:  # freeing sent outputs can only lower what is held
+                kept = next(r for r in rows if r["schedule"] == row["schedule"] and not r["free_storage"])
+                assert held // ACTIVATION_BYTES <= kept["ranks"][x["rank"]]["peak_sent_held_mib"] * 2**20 // ACTIVATION_BYTES
         if row["schedule"] == "1F1B":  # every forward of a rank saves the same: peak = promise x one forward
             assert [x["peak_in_units"] for x in row["ranks"]] == pytest.approx([2.0, 1.0])
 
 
 @pytest.mark.parametrize("pp", [2, 4])
 @pytest.mark.parametrize("m", [4, 8])
-def test_replay_of_uniform_costs_gives_the_bubble_formulas(pp, m):
+def test_lockstep_replay_of_uniform_costs_gives_the_bubble_formulas(pp, m):
+    """In lockstep the tables reach the formulas at tB = tF (and 1F1B at any tB / tF)."""
     bp = _load()
     for v, backward in ((1, 2.0), (1, 1.0), (2, 1.0)):
         plan = bp.schedule_plan(pp, m, v)
@@ -102,6 +131,24 @@ def test_replay_of_uniform_costs_gives_the_bubble_formulas(pp, m):
         idle = (pp - 1) / (v * m + pp - 1)
         assert replay["idle"] == pytest.approx([idle] * pp)
         assert replay["span_s"] == pytest.approx((v * m + pp - 1) * (1 + backward) / v)
+
+
+@pytest.mark.parametrize("pp, m", [(2, 4), (2, 16), (4, 4), (4, 8)])
+def test_posted_replay_of_uniform_costs_gives_the_bubble_formulas(pp, m):
+    """With waits at the point of use the engine's plan reaches the formulas at any tB / tF, interleaved
+    included, where lockstep exchanges stay above them (tB = 2 tF)."""
+    bp = _load()
+    for v in (1, 2):
+        for backward in (1.0, 2.0, 1.85):
+            plan = bp.schedule_plan(pp, m, v)
+            replay = bp.replay_posted(plan, *bp.engine_events(plan, 1.0 / v, backward / v), 0.0)
+            idle = (pp - 1) / (v * m + pp - 1)
+            assert replay["idle"] == pytest.approx([idle] * pp)
+            assert replay["span_s"] == pytest.approx((v * m + pp - 1) * (1 + backward) / v)
+    plan = bp.schedule_plan(pp, m, 2)
+    lockstep = bp.replay_step(plan, bp.uniform_busy(plan, 0.5, 1.0), 0.0)
+    if m > pp:  # with m == pp there is no steady state to hold in lockstep
+        assert min(lockstep["idle"]) > (pp - 1) / (2 * m + pp - 1) + 0.05
 
 
 @pytest.mark.parametrize("pp, m", [(2, 4), (2, 16), (4, 8)])
@@ -113,16 +160,46 @@ def test_tables_without_waiting_sends_give_the_bubble_formulas(pp, m):
         assert idle == pytest.approx([(pp - 1) / (v * m + pp - 1)] * pp)
 
 
-def test_replay_adds_the_exchange_cost_and_checks_its_input():
+def test_engine_events_against_the_hand_written_step():
     bp = _load()
-    plan = bp.schedule_plan(2, 2, 1)  # rank 0: F0 F1 . B0 . B1, exchanges after F0, F1, B0's grad, B1's grad
+    plan = bp.schedule_plan(2, 2, 1)  # rank 0: F0 F1 . B0 . B1; rank 1: . F0 B0 F1 B1
+    events, busy = bp.engine_events(plan, 1.0, 2.0)
+    assert events[0] == [("post", 0), ("post", 1), ("post", 2), ("recv", 2), ("post", 3), ("recv", 3),
+                         ("sent", 0), ("sent", 1)]
+    assert busy[0] == [1.0, 1.0, 0.0, 0.0, 2.0, 0.0, 2.0, 0.0, 0.0]
+    assert events[1] == [("post", 0), ("recv", 0), ("post", 1), ("post", 2), ("recv", 1), ("post", 3),
+                         ("sent", 2), ("sent", 3)]
+    assert busy[1] == [0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 0.0, 0.0, 0.0]
+    assert [bp.lockstep_busy(e, b) for e, b in zip(events, busy)] == bp.uniform_busy(plan, 1.0, 2.0)
+
+
+def test_replays_add_the_exchange_cost_and_check_their_input():
+    bp = _load()
+    plan = bp.schedule_plan(2, 2, 1)
     busy = bp.uniform_busy(plan, 1.0, 2.0)
     # Rank 1 (one core each, exchanges free): F0 after 1, then F0 B0 F1 B1 back to back = 1 + 6; rank 0
     # ends with B1 after rank 1's B1: 7 + 2 = 9 = (m + p - 1)(tF + tB).
     assert bp.replay_step(plan, busy, 0.0)["span_s"] == pytest.approx(9.0)
-    assert bp.replay_step(plan, busy, 0.5)["span_s"] > 9.0
     with pytest.raises(ValueError, match="busy times for"):
         bp.replay_step(plan, [busy[0][:-1], busy[1]], 0.0)
+    events, posted_busy = bp.engine_events(plan, 1.0, 2.0)
+    # Exchanges of 0.5, by hand. Lockstep: each exchange ends 0.5 after both ends posted it: F0's at 1.5,
+    # F1's at 3.0 (rank 1 posts after its F0, 1.5-2.5), B0's at 5.5 (rank 1's B0 to 5.0), B1's at 9.0
+    # (rank 1's F1, B1 to 8.5, while rank 0's B0 ran 5.5-7.5); rank 0's B1 ends at 11. Waits at use:
+    # rank 1 waits only for F0's input (1.5), runs F0 B0 F1 B1 to 7.5 (F1's input arrived at 3.0);
+    # rank 0's B0 waits for its gradient (posted 4.5, arrived 5.0), ends at 7.0; B1's arrives at 8.0: 10.
+    assert bp.replay_step(plan, busy, 0.5)["span_s"] == pytest.approx(11.0)
+    assert bp.replay_posted(plan, events, posted_busy, 0.5)["span_s"] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="busy times for"):
+        bp.replay_posted(plan, events, [posted_busy[0][:-1], posted_busy[1]], 0.0)
+    with pytest.raises(ValueError, match="not its 4 exchanges in order"):
+        bp.replay_posted(plan, [events[0][1:], events[1]], [posted_busy[0][1:], posted_busy[1]], 0.0)
+    with pytest.raises(ValueError, match="waits on post 2 before making it"):
+        swapped = events[0][:2] + [("recv", 2), ("post", 2)] + events[0][4:]
+        bp.replay_posted(plan, [swapped, events[1]], posted_busy, 0.0)
+    with pytest.raises(ValueError, match="has no such traffic"):  # post 0 of rank 0 receives nothing
+        bp.replay_posted(plan, [events[0][:1] + [("recv", 0)] + events[0][1:], events[1]],
+                         [[0.0] + posted_busy[0], posted_busy[1]], 0.0)
 
 
 def test_in_flight_promise_against_walking_the_tables():

@@ -1,13 +1,15 @@
 """Point-to-point traffic between neighbouring pipeline stages: activations forward, their gradients back.
 
     comm = PipelineComm(state)                      # once per run: the ring of this rank's pipeline
-    from_prev, from_next = comm.exchange(send_next=y, recv_prev=shape)   # one batched exchange
+    transfer = comm.post(send_next=y, recv_prev=(shape, dtype))   # one batched exchange, posted
+    transfer.wait_received(); x = transfer.from_prev               # when the input is needed
 
 Every exchange is one ``batch_isend_irecv`` holding all of this rank's sends and receives of one
-schedule tick, and it waits for all of them. The schedules plan the ticks so that the two ends of
-every message post it in the same tick (see :mod:`engine.train.schedules`); a batch therefore never
-waits on a peer that is itself waiting for something later, on gloo or NCCL (where unbatched sends
-and receives between the same two ranks would serialise on one stream and deadlock).
+schedule tick. The schedules plan the ticks so that the two ends of every message post it in the
+same tick (see :mod:`engine.train.schedules`), in the same order of ticks on every rank, so posted
+batches always find their match, on gloo or NCCL (where unbatched sends and receives between the
+same two ranks would serialise on one stream and deadlock). A rank waits for a received tensor only
+before the action that reads it, and for a send only before freeing what it sent.
 
 The ranks form a ring (the last stage's next is the first): interleaved schedules send the last
 rank's output of chunk c to the first rank's chunk c + 1. Receive buffers come from a pool and go
@@ -51,30 +53,64 @@ class PipelineComm:
         self._pool.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
 
     # ------------------------------------------------------------------------------ traffic
-    def exchange(self, *, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
-                 recv_prev: tuple[tuple[int, ...], torch.dtype] | None = None,
-                 recv_next: tuple[tuple[int, ...], torch.dtype] | None = None
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Send to and receive from the neighbours in one batch, and wait for all of it.
+    def post(self, *, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
+             recv_prev: tuple[tuple[int, ...], torch.dtype] | None = None,
+             recv_next: tuple[tuple[int, ...], torch.dtype] | None = None) -> "Transfer":
+        """Post one batch of sends to and receives from the neighbours, without waiting for it.
 
         ``recv_prev`` / ``recv_next``: (shape, dtype) of the tensor expected from that side, or None.
-        Returns (tensor from prev, tensor from next), None where nothing was expected.
+        Received tensors are valid after :meth:`Transfer.wait_received`; sent ones must stay
+        untouched until :meth:`Transfer.sent`.
         """
-        ops, from_prev, from_next = [], None, None
+        sends, recvs = [], []
         if send_next is not None:
-            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next_rank, self.group))
+            sends.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next_rank, self.group))
         if send_prev is not None:
-            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev_rank, self.group))
-        if recv_prev is not None:
-            from_prev = self.buffer(*recv_prev)
-            ops.append(dist.P2POp(dist.irecv, from_prev, self.prev_rank, self.group))
-        if recv_next is not None:
-            from_next = self.buffer(*recv_next)
-            ops.append(dist.P2POp(dist.irecv, from_next, self.next_rank, self.group))
-        if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
-        return from_prev, from_next
+            sends.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev_rank, self.group))
+        from_prev = self.buffer(*recv_prev) if recv_prev is not None else None
+        from_next = self.buffer(*recv_next) if recv_next is not None else None
+        if from_prev is not None:
+            recvs.append(dist.P2POp(dist.irecv, from_prev, self.prev_rank, self.group))
+        if from_next is not None:
+            recvs.append(dist.P2POp(dist.irecv, from_next, self.next_rank, self.group))
+        works = dist.batch_isend_irecv(sends + recvs) if sends or recvs else []
+        if len(works) == len(sends) + len(recvs):  # one request per operation (gloo)
+            send_works, recv_works = works[:len(sends)], works[len(sends):]
+        else:  # one request for the whole coalesced batch (NCCL)
+            send_works = recv_works = works
+        return Transfer(from_prev, from_next, [op.tensor for op in sends], send_works, recv_works)
+
+    def exchange(self, **kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`post` and wait for all of it: (tensor from prev, tensor from next)."""
+        transfer = self.post(**kwargs)
+        transfer.wait_received()
+        transfer.wait_sent()
+        return transfer.from_prev, transfer.from_next
+
+
+class Transfer:
+    """One posted batch: its received tensors, and the requests to wait for before using them (or
+    before reusing what was sent). Waiting only when a tensor is needed keeps the ranks from moving
+    in lockstep: a rank runs on while its sends complete and its next inputs arrive."""
+
+    def __init__(self, from_prev, from_next, sent, send_works, recv_works):
+        self.from_prev, self.from_next, self.sent_tensors = from_prev, from_next, sent
+        self._send_works, self._recv_works = list(send_works), list(recv_works)
+
+    def wait_received(self) -> None:
+        for work in self._recv_works:
+            work.wait()
+        self._recv_works.clear()
+
+    def sent(self) -> bool:
+        """True once every send of the batch has completed (its tensors may be freed or reused)."""
+        self._send_works = [w for w in self._send_works if not w.is_completed()]
+        return not self._send_works
+
+    def wait_sent(self) -> None:
+        for work in self._send_works:
+            work.wait()
+        self._send_works.clear()
 
 
 def free_storage(output: torch.Tensor) -> None:

@@ -23,11 +23,14 @@ A pipeline schedule is a table: the order in which this rank runs its forward (F
 actions (:func:`one_f_one_b_order`, :func:`interleaved_order`). :func:`plan_ticks` simulates all
 ranks' tables in lockstep, in plain Python, the same way on every rank: at each tick every rank runs
 its next action if the tensors it needs arrived in an earlier tick, then all messages produced in the
-tick are exchanged. :func:`run_pipeline` executes this rank's part of the plan (:func:`rank_plan`): its actions, and
-after each tick that has traffic for it one batched exchange with its neighbours, which post the
-matching operations in the same tick. So the tables alone decide the order, and the exchange is
-deadlock-free by construction; a table that could never complete is refused by the simulation
-before any work.
+tick are exchanged. :func:`run_pipeline` executes this rank's part of the plan (:func:`rank_plan`):
+its actions, and after each tick that has traffic for it one batched exchange posted to its
+neighbours, which post the matching operations in the same tick. So the tables alone decide the
+order, and the exchanges are deadlock-free by construction; a table that could never complete is
+refused by the simulation before any work. The plan fixes only the order in which exchanges are
+posted, not when ranks wait: a rank waits for a received tensor just before the action that reads
+it, and for a send just before freeing what it sent, so ranks do not move in lockstep (a rank's
+short forward is not held up by its neighbour's long backward of the same tick).
 """
 from __future__ import annotations
 
@@ -217,21 +220,32 @@ def run_pipeline(plan: tuple[Tick, ...], chunks: list[nn.Module], microbatches: 
     comm = comm if comm is not None else PipelineComm(state)
     spec = (_activation_shape(chunks, microbatches[0], state), next(chunks[0].parameters()).dtype)
     last = len(microbatches) - 1
-    inputs: dict[tuple[int, int], torch.Tensor] = {}       # received activations, until their forward
-    out_grads: dict[tuple[int, int], torch.Tensor] = {}    # received gradients, until their backward
+    inputs: dict[tuple[int, int], tuple] = {}     # (activation, its transfer), until its forward
+    out_grads: dict[tuple[int, int], tuple] = {}  # (gradient, its transfer), until its backward
     in_flight: dict[tuple[int, int], tuple] = {}           # (input, output) kept for the backward
     losses: list[torch.Tensor] = []
+    sending: list[tuple] = []  # (transfer, output whose storage to free once sent, or None)
     clock = time.perf_counter
+    waited = 0.0
+
+    def arrived(slot: dict, key) -> torch.Tensor:
+        nonlocal waited
+        tensor, transfer = slot.pop(key)
+        began = clock()
+        transfer.wait_received()
+        waited += clock() - began
+        return tensor
+
     for tick in plan:
         a, produced = tick.action, None
-        began = clock()
+        began, waited = clock(), 0.0
         if a is not None:
             key = (a.microbatch, a.chunk)
             s = a.chunk * pp + rank
             if stats is not None:
                 stats.trace.append(a)
             if a.kind == "F":
-                x = microbatches[a.microbatch]["tokens"] if s == 0 else inputs.pop(key)
+                x = microbatches[a.microbatch]["tokens"] if s == 0 else arrived(inputs, key)
                 if s > 0 and not forward_only:
                     x.requires_grad_(True)
                 with torch.set_grad_enabled(not forward_only):
@@ -251,32 +265,52 @@ def run_pipeline(plan: tuple[Tick, ...], chunks: list[nn.Module], microbatches: 
                 x, y = in_flight.pop(key)
                 if grads is not None:
                     grads.sync = a.microbatch == last
-                grad = out_grads.pop(key) if s < pp * v - 1 else None
+                grad = arrived(out_grads, key) if s < pp * v - 1 else None
                 backward_from(y, grad)
                 if grad is not None:
                     comm.release(grad)
                 if x is not None:
                     produced = x.grad
+                    comm.release(x)  # its gradient is a tensor of its own, sent below
         middle = clock()
         if tick.send or tick.recv_prev or tick.recv_next:
-            from_prev, from_next = comm.exchange(
+            transfer = comm.post(
                 send_next=produced if tick.send == "next" else None,
                 send_prev=produced if tick.send == "prev" else None,
                 recv_prev=spec if tick.recv_prev else None, recv_next=spec if tick.recv_next else None)
             if tick.recv_prev:
-                inputs[(tick.recv_prev.microbatch, tick.recv_prev.chunk)] = from_prev
+                inputs[(tick.recv_prev.microbatch, tick.recv_prev.chunk)] = (transfer.from_prev, transfer)
             if tick.recv_next:
-                out_grads[(tick.recv_next.microbatch, tick.recv_next.chunk)] = from_next
-        if a is not None and a.kind == "F" and tick.send and not forward_only:
-            free_storage(produced)  # sent: the next stage holds the values now
-        if a is not None and a.kind == "B" and x is not None:
-            comm.release(x)
+                out_grads[(tick.recv_next.microbatch, tick.recv_next.chunk)] = (transfer.from_next, transfer)
+            if tick.send:
+                # Once sent, the next stage holds the values: a kept output keeps only its autograd node.
+                keep = a.kind == "F" and not forward_only
+                sending.append((transfer, produced if keep else None))
+        sending = _free_sent(sending)
         if stats is not None:
-            stats.compute_s += middle - began
-            stats.comm_s += clock() - middle
+            stats.compute_s += middle - began - waited
+            stats.comm_s += clock() - middle + waited
+    began = clock()
+    for transfer, _ in sending:
+        transfer.wait_sent()
+    _free_sent(sending)
+    if stats is not None:
+        stats.comm_s += clock() - began
     if grads is not None:
         grads.sync = True
     return losses
+
+
+def _free_sent(sending: list[tuple]) -> list[tuple]:
+    """Free the storage of outputs whose sends completed; the sends still running."""
+    running = []
+    for transfer, output in sending:
+        if transfer.sent():
+            if output is not None:
+                free_storage(output)
+        else:
+            running.append((transfer, output))
+    return running
 
 
 def forward_backward_no_pipelining(chunks: list[nn.Module], microbatches: list[dict], loss_fn: LossFn, *,
