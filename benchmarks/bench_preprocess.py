@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine import _C  # noqa: E402
 from engine.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype  # noqa: E402
 from engine.data.preprocess import PreprocessConfig, preprocess, read_records, train_tokenizer_on_logs  # noqa: E402
 from engine.data.reward_bins import RewardBins  # noqa: E402
@@ -147,11 +148,23 @@ def breakdown(train: str, model: str, limit: int) -> None:
           lambda: [e.reward_mask() for e in (encoder.encode(r) for r in records)])
     fresh = RecordEncoder(encoder.tokenizer, encoder.bins)
     chunks = [records[i:i + 256] for i in range(0, len(records), 256)]
-    encoded = timed("encode_texts: serialization + words encoded once (chunks of 256)",
-                    lambda: [fresh.encode_texts(c, True, 1, np.uint16)[0] for c in chunks])
+    timed("encode_texts of parsed records: Python serialization, C++ words (chunks of 256)",
+          lambda: [fresh.encode_texts(c, True, 1, np.uint16)[0] for c in chunks])
+    items = [(f"x:{i}", t) for i, t in enumerate(texts)]
+    item_chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
+
+    def read_in_cxx():
+        for chunk in item_chunks:
+            batch = _C.SarTextBatch(6)
+            assert batch.add_json_lines([t for _, t in chunk], 0) == len(chunk)  # every line on the C++ path
+    timed("C++ reading alone: parse + validation + serialization (SarTextBatch.add_json_lines)", read_in_cxx)
+    lines_encoder = RecordEncoder(encoder.tokenizer, encoder.bins)
+    encoded = timed("encode_lines: C++ reading + words + classes, from JSON lines (chunks of 256)",
+                    lambda: [lines_encoder.encode_lines(c, True, 1, np.uint16)[0] for c in item_chunks])
     timed("assemble: labels, EOD, reward mask (numpy)", lambda: [fresh.assemble(t, t.classes, 2) for t in encoded])
     with tempfile.TemporaryDirectory() as tmp:
-        builders = [IndexedDatasetBuilder(os.path.join(tmp, f"{n}.bin"), t) for n, t in (("t", np.uint16), ("m", np.uint8))]
+        builders = [IndexedDatasetBuilder(os.path.join(tmp, f"{n}.bin"), t)
+                    for n, t in (("t", np.uint16), ("m", np.uint8))]
         sample = fresh.assemble(encoded[0], encoded[0].classes, 2)
         lengths = sample[2].tolist() * len(encoded)
 

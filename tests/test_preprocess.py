@@ -419,3 +419,35 @@ def test_batched_encoding_writes_the_bytes_of_records_encoded_one_by_one(env, tm
     assert summary.records == len(records) == 3000 and summary.episodes == 600
     for suffix in (".bin", ".idx", "_reward_mask.bin", "_reward_mask.idx"):
         assert (tmp_path / "out" / f"data{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes(), suffix
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tricky_and_malformed_lines_read_as_the_python_path_reads_them(env, tmp_path, workers):
+    """Lines the C++ reader takes (escapes, unicode, any key order, meta) and lines it leaves to the
+    Python path (repeated keys, NaN, huge numbers, escaped keys, lone surrogates, broken JSON)
+    mixed in one file: the records and the bad lines listed are those of parse_json_line."""
+    lines = []
+    for k in range(60):
+        state = {"q": ["red shoes", "a;b=c\\d", "<|r1|> <|state|>", "é 中 🙂\u2581", "line\nbreak"][k % 5],
+                 "n": [0, -7, 2.5, 1e-7, 10 ** 20][k % 5]}
+        record = {"meta": {"p": k / 7, "list": [{"k": None}]}, "reward": {"click": k % 2, "cost": k * 0.37},
+                  "action": {"bid": k / 3, "on": k % 3 == 0}, "state": state, "domain": "ads/ctr"}
+        lines.append(json.dumps(record, ensure_ascii=k % 2 == 0))
+    unusual = [lines[0].replace('"q"', '"q": 1, "q"'), lines[1].replace("0.37", "NaN"),
+               lines[2].replace('"n"', '"\\u006e"'), lines[3][:-1], lines[4].replace('"bid": ', '"bid": 1' + "0" * 80),
+               lines[5].replace('"red shoes"', '"\\ud800"'), lines[6].replace('"click": 0', '"click": "0"')]
+    for k, broken in enumerate(unusual):
+        lines.insert(5 + 7 * k, broken)
+    path = tmp_path / "tricky.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    s = run(env, [str(path)], tmp_path / "out" / "data", workers=workers, skip_bad_lines=True, chunk_size=16)
+    records, errors = [], []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(parse_json_line(line, f"{path}:{i}"))
+        except RecordError as exc:
+            errors.append({"where": f"{path}:{i}", "error": str(exc)})
+    assert s.records == len(records) == 62 and s.bad_lines == errors and len(errors) == 5
+    bins = RewardBins.load(str(tmp_path / "out" / "data.reward_bins.json"))
+    assert bins == RewardBins.fit_records(records)
+    check_dataset(str(tmp_path / "out" / "data"), records, RecordEncoder(env["tok"], bins), append_eod=False)

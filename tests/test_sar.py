@@ -119,6 +119,8 @@ BAD = [
     ('{"domain": "d", "state": [], "action": {}, "reward": {"click": 1}}', "state", "object of named fields"),
     ('{"domain": "d", "state": {"user": {"age": 3}}, "action": {}, "reward": {"click": 1}}', "state.user", "nested object"),
     ('{"domain": "d", "state": {}, "action": {"tags": [1]}, "reward": {"click": 1}}', "action.tags", "nested list"),
+    ('{"domain": "d", "state": {"q": "ok \\ud83d\\ude00", "s": "a\\ud800"}, "action": {}, "reward": {"click": 1}}',
+     "state.s", "lone surrogate"),
     ('{"domain": "d", "state": {}, "action": {"bid": NaN}, "reward": {"click": 1}}', "action.bid", "non-finite"),
     ('{"domain": "d", "state": {}, "action": {}, "reward": {"cost": -Infinity}}', "reward.cost", "non-finite"),
     ('{"domain": "d", "state": {}, "action": {}, "reward": {"click": "yes"}}', "reward.click", "number or a boolean"),

@@ -42,7 +42,7 @@ from engine.fileio import (make_parent_dirs, progress_bar, remove_empty_dirs, re
 from engine.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from engine.data.obd import ObdOptions, is_obd_log, iter_obd_rows
 from engine.data.reward_bins import DEFAULT_NUM_BINS, RewardBins
-from engine.data.sar import REWARD_LABELS, RecordError, SARRecord, parse_json_line, parse_record, serialize_text
+from engine.data.sar import REWARD_LABELS, RecordError, SARRecord, parse_item, serialize_text
 from engine.data.tokenizer import RecordEncoder, Tokenizer, train_tokenizer
 
 META_FORMAT = "ltu-sar-dataset"
@@ -166,7 +166,7 @@ def read_records(inputs: Iterable[str], skip_bad_lines: bool = False,
     """
     for where, payload in iter_items(expand_inputs(inputs), obd, [0]):
         try:
-            yield _parse(where, payload)
+            yield parse_item(where, payload)
         except RecordError:
             if not skip_bad_lines:
                 raise
@@ -181,14 +181,6 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _parse(where: str, payload: object):
-    if isinstance(payload, RecordError):
-        raise payload
-    if isinstance(payload, str):
-        return parse_json_line(payload, where)
-    return parse_record(payload, where)
 
 
 # --------------------------------------------------------------------------- work done in workers
@@ -209,20 +201,9 @@ class ChunkEncoder:
         self.num_threads = num_threads
 
     def __call__(self, chunk: list) -> tuple:
-        records, entries = [], []
-        for where, payload in chunk:
-            try:
-                records.append(_parse(where, payload))
-                entries.append(None)  # filled in below once the record is encoded
-            except RecordError as exc:
-                entries.append(("bad", where, str(exc)))
-        texts, outcomes = self.encoder.encode_texts(records, self.classify, self.num_threads, self.dtype)
-        found = iter(zip(records, outcomes))
-        for index, entry in enumerate(entries):
-            if entry is None:
-                record, outcome = next(found)
-                entries[index] = ("bad", record.where, str(outcome)) if isinstance(outcome, RecordError) \
-                    else ("ok", outcome, record.domain, len(record.steps), record.episode)
+        texts, outcomes = self.encoder.encode_lines(chunk, self.classify, self.num_threads, self.dtype)
+        entries = [("bad", where, str(outcome)) if isinstance(outcome, RecordError) else ("ok", *outcome)
+                   for (where, _), outcome in zip(chunk, outcomes)]
         if not self.classify:
             return texts, entries
         tokens, masks, lengths = self.encoder.assemble(texts, texts.classes, self.eod)

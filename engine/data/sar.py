@@ -145,7 +145,11 @@ def _num_keys(obj: dict) -> int:
 
 
 def parse_json_line(line: str, where: str) -> SARRecord:
-    """Parse and validate one JSON Lines record; ``where`` is ``file:line`` for error messages."""
+    """Parse and validate one JSON Lines record; ``where`` is ``file:line`` for error messages.
+
+    Preprocessing reads the common well-formed line in C++ (``engine._C.SarTextBatch``) to the same
+    texts and rewards, and any other line here, so the errors are always this function's.
+    """
     # Without its line ending, an error at the end of the line (a missing '}') is reported on this
     # line, at its column, instead of at column 1 of the line after it.
     line = line.rstrip("\r\n")
@@ -160,6 +164,16 @@ def parse_json_line(line: str, where: str) -> SARRecord:
     except ValueError as exc:  # duplicate key
         raise RecordError(where, None, f"invalid JSON: {exc}") from None
     return parse_record(obj, where)
+
+
+def parse_item(where: str, payload: Any) -> SARRecord:
+    """A record from what a log reader yields for one line: its JSON text, the object decoded from
+    it (an OBD row), or the RecordError found reading it (raised)."""
+    if isinstance(payload, RecordError):
+        raise payload
+    if isinstance(payload, str):
+        return parse_json_line(payload, where)
+    return parse_record(payload, where)
 
 
 def parse_record(obj: Any, where: str = "") -> SARRecord:
@@ -208,6 +222,7 @@ def _parse_step(obj: Any, where: str, prefix: str, allow_other: bool = False) ->
 
 
 _SCALAR_TYPES = (str, int, bool, type(None))  # float is checked for finiteness
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json keeps unpaired \ud800 escapes in the str
 _NUMBER_TYPES = (int, bool)
 
 
@@ -228,7 +243,8 @@ def _parse_fields(obj: Any, where: str, path: str, reward: bool = False) -> dict
         return out
     for name, value in obj.items():
         kind = type(value)
-        if not (match_name(name) and (kind in _SCALAR_TYPES or kind is float and isfinite(value))):
+        if not (match_name(name) and (kind in _SCALAR_TYPES or kind is float and isfinite(value))) \
+                or kind is str and not value.isascii() and _SURROGATE.search(value):
             _checked_value(name, value, where, path, reward)
     return dict(obj)
 
@@ -249,6 +265,9 @@ def _checked_value(name: str, value: Any, where: str, path: str, reward: bool):
         return float(value)
     if not (value is None or isinstance(value, (str, int, float, bool))):
         raise RecordError(where, field_path, f"unsupported value type {_type_name(value)}")
+    if isinstance(value, str) and _SURROGATE.search(value):
+        raise RecordError(where, field_path, "a lone surrogate (U+D800..U+DFFF, e.g. an unpaired \\ud800 "
+                          "escape) is not text and cannot be tokenized")
     return value
 
 

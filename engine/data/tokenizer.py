@@ -6,12 +6,15 @@ that knows none of them) because a record is encoded segment by segment: the tex
 label, the label, the text before the next label... and the ids are concatenated. A label's tokens
 are therefore exactly ``encode(label)`` wherever it appears, whatever the text around it.
 
-``RecordEncoder.encode_many`` gives the same tokens for many records at once: the text segments of
-all of them go to SentencePiece in one batch call, and short texts that repeat exactly (``; click=``)
-are encoded once per encoder. With a model where encoding never crosses a space or a segment marker
-(``splits_into_words``: BPE, identity normalization, markers as user-defined symbols; the models
-``train_tokenizer`` makes), the texts are cut into words there and each distinct word is encoded
-once: markers, field names and categorical values repeat across records.
+``RecordEncoder.encode_many`` gives the same tokens for many records at once, and
+``RecordEncoder.encode_lines`` for many JSON lines, read in C++ (``engine._C.SarTextBatch``) when
+they are well-formed records of JSON's plain types and by ``sar.parse_json_line`` otherwise. The
+texts go through a word cache in C++ (``engine._C.WordEncoder``): with a model where encoding never
+crosses a space or a segment marker (``splits_into_words``: BPE, identity normalization, markers as
+user-defined symbols; the models ``train_tokenizer`` makes), texts are cut into words there and each
+distinct word is encoded once per encoder (markers, field names and categorical values repeat
+across records); other models get whole texts, the short ones kept. What the cache does not know
+goes to SentencePiece in one batch call per chunk.
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from engine import _C
 from engine.data.reward_bins import RewardBins
 from engine.data.sar import (FLOAT_DIGITS, REWARD_LABELS, SEGMENT_MARKERS, SPECIAL_SYMBOLS, RecordError, SARRecord,
-                             Segment, serialize_parts, serialize_segments)
+                             Segment, parse_item, serialize_parts, serialize_segments)
 from engine.fileio import atomic_open
 
 
@@ -104,7 +108,8 @@ _WORD_CUTS = re.compile("(" + "|".join(re.escape(m) for m in SEGMENT_MARKERS) + 
 
 
 def split_words(text: str) -> list[str]:
-    """``text`` cut before every space and around every segment marker (no empty words)."""
+    """``text`` cut before every space and around every segment marker (no empty words); the
+    encoder's C++ word cache cuts texts the same way (``engine._C.WordEncoder.split``)."""
     return [word for word in _WORD_CUTS.split(text) if word]
 
 
@@ -255,9 +260,32 @@ class EncodedTexts:
     text_lengths: np.ndarray        # per reward: tokens of the text before its label
     rewards_per_record: np.ndarray  # per encoded record
     classes: np.ndarray | None      # per reward, when classified with the encoder's bins
-    keys: list[tuple[str, str]]     # when not classified: the distinct (domain, field) ...
+    keys: list[tuple[str, str]]     # the distinct (domain, field), in order of first appearance ...
     key_index: np.ndarray           # ... of each reward, and its value
     values: np.ndarray
+
+
+def classify_rewards(bins: RewardBins, keys: list[tuple[str, str]], key_index: np.ndarray,
+                     values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, classifiable) of rewards: reward i is of field ``keys[key_index[i]]``, value
+    ``values[i]``; each class is what ``bins.classify`` gives, where it gives one (not for a field
+    the bins do not know, nor for a value a binary field cannot hold)."""
+    classes = np.zeros(len(values), dtype=np.int64)
+    valid = np.zeros(len(values), dtype=bool)
+    for index, key in enumerate(keys):
+        where = key_index == index
+        field_bins = bins.fields.get(key)
+        if field_bins is None:
+            continue
+        chosen = values[where]
+        if field_bins.kind == "binary":
+            ok = (chosen == 0.0) | (chosen == 1.0)
+            classes[where] = np.where(ok, chosen, 0.0).astype(np.int64)
+            valid[where] = ok
+        elif field_bins.kind == "quantile":
+            classes[where] = np.searchsorted(np.asarray(field_bins.edges, dtype=np.float64), chosen, side="left")
+            valid[where] = True
+    return classes, valid
 
 
 class RecordEncoder:
@@ -265,7 +293,6 @@ class RecordEncoder:
 
     def __init__(self, tokenizer: Tokenizer, bins: RewardBins, float_digits: int = FLOAT_DIGITS,
                  add_bos: bool = False):
-        self._known_ids: dict[str, list[int]] = {}  # of short texts (or words) seen before
         self.tokenizer = tokenizer
         self.bins = bins
         self.float_digits = float_digits
@@ -279,6 +306,8 @@ class RecordEncoder:
                                  f"without unknown tokens: {ids}")
         if len(set(self.label_ids)) != len(self.label_ids):
             raise ValueError(f"{tokenizer.model_path} encodes two reward labels to the same tokens")
+        # Ids of short words (or texts) seen before, kept for the encoder's life.
+        self._words = _C.WordEncoder(tokenizer.splits_into_words, CACHED_TEXT_CHARS, CACHED_TEXTS)
 
     def segments(self, record: SARRecord) -> list[Segment]:
         return serialize_segments(record, self.bins.classify, self.float_digits)
@@ -319,41 +348,85 @@ class RecordEncoder:
         With ``classify`` the rewards are classified with the encoder's bins (a reward they cannot
         classify makes its record a RecordError in the outcomes, else the record's number of
         rewards); without, each reward's (domain, field) and value are kept, to be classified once
-        bins are fitted on them.
+        bins are fitted on them (they are kept in both cases).
         """
-        texts: list[str] = []
-        classes: list[int] = []
-        keys: dict[tuple[str, str], int] = {}
-        key_index: list[int] = []
-        values: list[float] = []
-        outcomes: list = []
-        digits = self.float_digits
+        batch = _C.SarTextBatch(self.float_digits)
         classifier = self.bins.classify if classify else _unclassified
-        for record in records:
-            try:
-                record_texts, record_classes = serialize_parts(record, classifier, digits)
+        outcomes = [self._add_serialized(batch, record, classifier) for record in records]
+        return self._encoded(batch, classify, num_threads, dtype), outcomes
+
+    def encode_lines(self, items: list[tuple[str, object]], classify: bool = True, num_threads: int = 1,
+                     dtype=np.int64) -> tuple["EncodedTexts", list]:
+        """``encode_texts`` of the records of log lines, read and validated on the way.
+
+        ``items`` are (file:line, payload) as a log reader yields them: the line's JSON text, the
+        object decoded from it, or the RecordError found reading it. JSON lines are read in C++
+        while they are well-formed records of JSON's plain types; any other item by
+        ``sar.parse_item``, so every error and its message are the Python path's. Returns the
+        encoded texts and, per item, its RecordError or (rewards, domain, steps, episode).
+        """
+        batch = _C.SarTextBatch(self.float_digits)
+        classifier = self.bins.classify if classify else _unclassified
+        payloads = [payload for _, payload in items]
+        outcomes: list = [None] * len(items)
+        record_items: list[int] = []  # per record of the batch: its item
+        start = 0
+        while start < len(items):
+            taken = batch.add_json_lines(payloads, start)
+            record_items += range(start, start + taken)
+            start += taken
+            if start == len(items):
+                break
+            try:  # an item the C++ reading declined
+                outcome = self._add_serialized(batch, parse_item(*items[start]), classifier)
             except RecordError as exc:
-                outcomes.append(exc)
-                continue
-            texts += record_texts
-            outcomes.append(len(record_texts))
-            if classify:
-                classes += record_classes
-                continue
-            domain = record.domain
-            for step in record.steps:
-                for name, value in step.reward.items():
-                    key_index.append(keys.setdefault((domain, name), len(keys)))
-                    values.append(value)
-        text_ids = self._encode_texts(texts, num_threads)
-        ids = [text_ids[t] for t in texts]
-        flat = [i for piece in ids for i in piece]
-        return EncodedTexts(
-            tokens=np.array(flat, dtype=dtype), text_lengths=np.array([len(p) for p in ids], dtype=np.int64),
-            rewards_per_record=np.array([o for o in outcomes if not isinstance(o, RecordError)], dtype=np.int64),
-            classes=np.array(classes, dtype=np.int64) if classify else None,
-            keys=list(keys), key_index=np.array(key_index, dtype=np.int64),
-            values=np.array(values, dtype=np.float64)), outcomes
+                outcome = exc
+            if isinstance(outcome, RecordError):
+                outcomes[start] = outcome
+            else:
+                record_items.append(start)
+            start += 1
+        if classify:
+            keys, key_index, values, reward_records = batch.rewards()
+            unclassified = np.unique(reward_records[~classify_rewards(self.bins, keys, key_index, values)[1]])
+            for record in unclassified.tolist():  # the Python path names the field and the reason
+                outcomes[record_items[record]] = self._classification_error(items[record_items[record]])
+                batch.drop(record)
+        names, domains, steps, episodes, rewards = batch.records()
+        for item, rewards_, domain, steps_, episode in zip(record_items, rewards.tolist(), domains.tolist(),
+                                                           steps.tolist(), episodes.tolist()):
+            if outcomes[item] is None:
+                outcomes[item] = (rewards_, names[domain], steps_, episode)
+        return self._encoded(batch, classify, num_threads, dtype), outcomes
+
+    def _add_serialized(self, batch, record: SARRecord, classifier) -> int | RecordError:
+        """Adds a record serialized by ``serialize_parts`` to ``batch``: its number of rewards, or
+        the RecordError of a reward ``classifier`` cannot classify (nothing added)."""
+        try:
+            texts, _ = serialize_parts(record, classifier, self.float_digits)
+        except RecordError as exc:
+            return exc
+        fields = [name for step in record.steps for name in step.reward]
+        values = [value for step in record.steps for value in step.reward.values()]
+        batch.add_record(record.domain, len(record.steps), record.episode, texts, fields, values)
+        return len(texts)
+
+    def _classification_error(self, item: tuple[str, object]) -> RecordError:
+        try:
+            serialize_parts(parse_item(*item), self.bins.classify, self.float_digits)
+        except RecordError as exc:
+            return exc
+        raise RuntimeError(f"{item[0]}: the C++ reading of this record found a reward its bins cannot "
+                           "classify, the Python reading did not")
+
+    def _encoded(self, batch, classify: bool, num_threads: int, dtype) -> "EncodedTexts":
+        keys, key_index, values, _ = batch.rewards()
+        tokens, text_lengths, rewards_per_record = batch.encode(
+            self._words, lambda words: self.tokenizer.encode_batch(words, num_threads))
+        classes = classify_rewards(self.bins, keys, key_index, values)[0] if classify else None
+        return EncodedTexts(tokens=tokens.astype(dtype, copy=False), text_lengths=text_lengths,
+                            rewards_per_record=rewards_per_record, classes=classes, keys=keys,
+                            key_index=key_index, values=values)
 
     def assemble(self, texts: "EncodedTexts", classes: np.ndarray, eod_id: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -393,34 +466,6 @@ class RecordEncoder:
         gather = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
         record_ends = ends[record_end_piece - 1] if len(record_end_piece) else np.zeros(0, dtype=np.int64)
         return source[gather], np.repeat(is_label, lengths), np.diff(record_ends, prepend=0)
-
-    def _encode_texts(self, texts: list[str], num_threads: int) -> dict[str, list[int]]:
-        """Ids of every distinct text; what SentencePiece sees is one batch of the words (or texts)
-        not encoded before."""
-        unique = dict.fromkeys(texts)
-        known = self._known_ids
-        if self.tokenizer.splits_into_words:
-            words = {text: split_words(text) for text in unique}
-            missing = list(dict.fromkeys(w for ws in words.values() for w in ws if w not in known))
-        else:
-            words, missing = None, [t for t in unique if t not in known]
-        fresh = dict(zip(missing, self.tokenizer.encode_batch(missing, num_threads))) if missing else {}
-        for text in missing:
-            if len(text) <= CACHED_TEXT_CHARS and len(known) < CACHED_TEXTS:
-                known[text] = fresh[text]
-        out: dict[str, list[int]] = {}
-        if words is None:
-            for text in unique:
-                ids = fresh.get(text)
-                out[text] = known[text] if ids is None else ids
-            return out
-        for text, text_words in words.items():
-            ids: list[int] = []
-            for word in text_words:
-                word_ids = fresh.get(word)
-                ids += known[word] if word_ids is None else word_ids
-            out[text] = ids
-        return out
 
     def candidate_ids(self, domain: str, field: str) -> tuple[tuple[int, ...], ...]:
         """Token ids of every class label of a reward field, in class order."""
