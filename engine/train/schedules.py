@@ -224,19 +224,24 @@ def run_pipeline(plan: tuple[Tick, ...], chunks: list[nn.Module], microbatches: 
     out_grads: dict[tuple[int, int], tuple] = {}  # (gradient, its transfer), until its backward
     in_flight: dict[tuple[int, int], tuple] = {}           # (input, output) kept for the backward
     losses: list[torch.Tensor] = []
-    sending: list[tuple] = []  # (transfer, output whose storage to free once sent, or None)
+    # Sends not yet known complete: (tick, peer, transfer, output whose storage to free, or None).
+    sending: list[tuple] = []
     clock = time.perf_counter
     waited = 0.0
 
     def arrived(slot: dict, key) -> torch.Tensor:
-        nonlocal waited
-        tensor, transfer = slot.pop(key)
+        nonlocal waited, sending
+        tensor, transfer, posted, peer = slot.pop(key)
         began = clock()
         transfer.wait_received()
+        # The peer posted this at tick `posted`, so it has posted the receives of all our sends to it
+        # up to that tick: waiting for those now costs no lockstep (gloo reports a send complete only
+        # once waited for, so without this the outputs would stay held until the step ends).
+        sending = _free_sent(sending, lambda t, q: q == peer and t <= posted)
         waited += clock() - began
         return tensor
 
-    for tick in plan:
+    for t, tick in enumerate(plan):
         a, produced = tick.action, None
         began, waited = clock(), 0.0
         if a is not None:
@@ -279,21 +284,22 @@ def run_pipeline(plan: tuple[Tick, ...], chunks: list[nn.Module], microbatches: 
                 send_prev=produced if tick.send == "prev" else None,
                 recv_prev=spec if tick.recv_prev else None, recv_next=spec if tick.recv_next else None)
             if tick.recv_prev:
-                inputs[(tick.recv_prev.microbatch, tick.recv_prev.chunk)] = (transfer.from_prev, transfer)
+                inputs[(tick.recv_prev.microbatch, tick.recv_prev.chunk)] = (transfer.from_prev, transfer, t,
+                                                                             comm.prev_rank)
             if tick.recv_next:
-                out_grads[(tick.recv_next.microbatch, tick.recv_next.chunk)] = (transfer.from_next, transfer)
+                out_grads[(tick.recv_next.microbatch, tick.recv_next.chunk)] = (transfer.from_next, transfer, t,
+                                                                                comm.next_rank)
             if tick.send:
                 # Once sent, the next stage holds the values: a kept output keeps only its autograd node.
                 keep = a.kind == "F" and not forward_only
-                sending.append((transfer, produced if keep else None))
+                peer = comm.next_rank if tick.send == "next" else comm.prev_rank
+                sending.append((t, peer, transfer, produced if keep else None))
         sending = _free_sent(sending)
         if stats is not None:
             stats.compute_s += middle - began - waited
             stats.comm_s += clock() - middle + waited
     began = clock()
-    for transfer, _ in sending:
-        transfer.wait_sent()
-    _free_sent(sending)
+    _free_sent(sending, lambda t, q: True)
     if stats is not None:
         stats.comm_s += clock() - began
     if grads is not None:
@@ -301,15 +307,19 @@ def run_pipeline(plan: tuple[Tick, ...], chunks: list[nn.Module], microbatches: 
     return losses
 
 
-def _free_sent(sending: list[tuple]) -> list[tuple]:
-    """Free the storage of outputs whose sends completed; the sends still running."""
+def _free_sent(sending: list[tuple], wait_for=None) -> list[tuple]:
+    """Free the storage of outputs whose sends completed, first waiting for the sends that
+    ``wait_for(tick, peer)`` selects; returns the sends still running."""
     running = []
-    for transfer, output in sending:
+    for entry in sending:
+        tick, peer, transfer, output = entry
+        if wait_for is not None and wait_for(tick, peer):
+            transfer.wait_sent()
         if transfer.sent():
             if output is not None:
                 free_storage(output)
         else:
-            running.append((transfer, output))
+            running.append(entry)
     return running
 
 
