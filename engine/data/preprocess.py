@@ -444,22 +444,24 @@ def _encode_fitting_bins(config, paths, encoder, dtype, spill_path, builder, mas
 
 def _write_chunk(tokens, masks, entries, tokenizer, builder, mask_builder, summary) -> None:
     """Appends the chunk's good records (``("ok", length, domain, steps, episode)`` entries) in order."""
+    good = [entry for entry in entries if entry[0] == "ok"]
+    add_tokens, end_tokens = builder.add_item, builder.end_document
+    add_mask, end_mask = mask_builder.add_item, mask_builder.end_document
     offset = 0
-    for entry in entries:
-        if entry[0] == "bad":
-            continue
-        _, length, domain, steps, episode = entry
-        builder.add_item(tokens[offset:offset + length])
-        builder.end_document()
-        mask_builder.add_item(masks[offset:offset + length])
-        mask_builder.end_document()
-        offset += length
-        summary.records += 1
-        summary.episodes += int(episode)
-        summary.steps += steps
-        summary.tokens += length
-        summary.domains[domain] = summary.domains.get(domain, 0) + 1
-    summary.reward_tokens += int(masks.sum())
+    for _, length, _, _, _ in good:
+        end = offset + length
+        add_tokens(tokens[offset:end])
+        end_tokens()
+        add_mask(masks[offset:end])
+        end_mask()
+        offset = end
+    summary.records += len(good)
+    summary.episodes += sum(entry[4] for entry in good)
+    summary.steps += sum(entry[3] for entry in good)
+    summary.tokens += offset
+    for domain, count in collections.Counter(entry[2] for entry in good).items():
+        summary.domains[domain] = summary.domains.get(domain, 0) + count
+    summary.reward_tokens += int(np.count_nonzero(masks))
     if tokenizer.unk_id is not None:
         summary.unknown_tokens += int(np.count_nonzero(tokens == tokenizer.unk_id))
 

@@ -353,7 +353,9 @@ class RecordEncoder:
         batch = _C.SarTextBatch(self.float_digits)
         classifier = self.bins.classify if classify else _unclassified
         outcomes = [self._add_serialized(batch, record, classifier) for record in records]
-        return self._encoded(batch, classify, num_threads, dtype), outcomes
+        rewards = batch.rewards()
+        classes = classify_rewards(self.bins, *rewards[:3])[0] if classify else None
+        return self._encoded(batch, classes, num_threads, dtype, rewards), outcomes
 
     def encode_lines(self, items: list[tuple[str, object]], classify: bool = True, num_threads: int = 1,
                      dtype=np.int64) -> tuple["EncodedTexts", list]:
@@ -386,18 +388,22 @@ class RecordEncoder:
             else:
                 record_items.append(start)
             start += 1
+        rewards = batch.rewards()
+        classes = None
         if classify:
-            keys, key_index, values, reward_records = batch.rewards()
-            unclassified = np.unique(reward_records[~classify_rewards(self.bins, keys, key_index, values)[1]])
-            for record in unclassified.tolist():  # the Python path names the field and the reason
-                outcomes[record_items[record]] = self._classification_error(items[record_items[record]])
-                batch.drop(record)
-        names, domains, steps, episodes, rewards = batch.records()
-        for item, rewards_, domain, steps_, episode in zip(record_items, rewards.tolist(), domains.tolist(),
-                                                           steps.tolist(), episodes.tolist()):
+            classes, classifiable = classify_rewards(self.bins, *rewards[:3])
+            if not classifiable.all():
+                for record in np.unique(rewards[3][~classifiable]).tolist():  # the Python path says why
+                    outcomes[record_items[record]] = self._classification_error(items[record_items[record]])
+                    batch.drop(record)
+                rewards = batch.rewards()
+                classes = classify_rewards(self.bins, *rewards[:3])[0]
+        names, domains, steps, episodes, counts = batch.records()
+        for item, count, domain, steps_, episode in zip(record_items, counts.tolist(), domains.tolist(),
+                                                        steps.tolist(), episodes.tolist()):
             if outcomes[item] is None:
-                outcomes[item] = (rewards_, names[domain], steps_, episode)
-        return self._encoded(batch, classify, num_threads, dtype), outcomes
+                outcomes[item] = (count, names[domain], steps_, episode)
+        return self._encoded(batch, classes, num_threads, dtype, rewards), outcomes
 
     def _add_serialized(self, batch, record: SARRecord, classifier) -> int | RecordError:
         """Adds a record serialized by ``serialize_parts`` to ``batch``: its number of rewards, or
@@ -419,11 +425,11 @@ class RecordEncoder:
         raise RuntimeError(f"{item[0]}: the C++ reading of this record found a reward its bins cannot "
                            "classify, the Python reading did not")
 
-    def _encoded(self, batch, classify: bool, num_threads: int, dtype) -> "EncodedTexts":
-        keys, key_index, values, _ = batch.rewards()
+    def _encoded(self, batch, classes: np.ndarray | None, num_threads: int, dtype, rewards: tuple) -> "EncodedTexts":
+        """The encoded texts of ``batch`` with its ``rewards()`` and their classes (None: not classified)."""
+        keys, key_index, values, _ = rewards
         tokens, text_lengths, rewards_per_record = batch.encode(
             self._words, lambda words: self.tokenizer.encode_batch(words, num_threads))
-        classes = classify_rewards(self.bins, keys, key_index, values)[0] if classify else None
         return EncodedTexts(tokens=tokens.astype(dtype, copy=False), text_lengths=text_lengths,
                             rewards_per_record=rewards_per_record, classes=classes, keys=keys,
                             key_index=key_index, values=values)
