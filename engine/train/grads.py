@@ -12,7 +12,9 @@ order the model registers them, so the head's gradients come first), in two flat
 offsets: ``params`` in the model's dtype (each parameter's ``.data`` becomes a view into it) and
 ``grads`` in fp32, where gradients of all microbatches accumulate (``main_grad`` of each parameter).
 The buffers are cut into buckets of about ``bucket_size`` elements (a parameter never spans two
-buckets), each padded to a multiple of the DP size.
+buckets), each padded to a multiple of the DP size. :func:`bucket_layout` computes this layout from
+parameter names and sizes alone, and :func:`owned_param_pieces` what each DP rank owns in it, so a
+layout planner counts the bytes this buffer and the optimizer allocate without building them.
 
 Reduction. A hook on each parameter (``register_post_accumulate_grad_hook``) adds the fresh gradient
 into ``main_grad`` and frees it. When ``sync`` is on and every parameter of a bucket has been added, the
@@ -34,6 +36,7 @@ stage's gradients.) The copy is left out of the global norm, which counts every 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +75,75 @@ class Bucket:
     @property
     def size(self) -> int:
         return self.end - self.start
+
+
+@dataclass(frozen=True)
+class BucketSpan:
+    """One bucket of the flat buffers from shapes alone: ``[start, end)``, padded to a multiple of DP,
+    and ``(name, start, end)`` of each parameter in it."""
+    start: int
+    end: int
+    params: tuple[tuple[str, int, int], ...]
+    tied: bool = False
+
+
+def bucket_layout(named_numels: Sequence[tuple[str, int]], dp_size: int, bucket_size: int,
+                  tied_name: str | None = None) -> list[BucketSpan]:
+    """The buckets :class:`GradBuffer` lays out for parameters given as ``(name, numel)`` in the order
+    the model chunks register them: offsets in backward order (the reverse), a bucket closed once it
+    holds ``bucket_size`` elements (a parameter never spans two), each padded to a multiple of
+    ``dp_size``; ``tied_name`` (the embedding shared by the first and last stage) gets a bucket of
+    its own. GradBuffer builds from this, and so can a planner that has no tensors."""
+    if bucket_size < 1:
+        raise ValueError(f"bucket_size must be a positive number of elements, got {bucket_size}")
+    if dp_size < 1:
+        raise ValueError(f"data-parallel size must be at least 1, got {dp_size}")
+    spans: list[BucketSpan] = []
+    start = offset = 0
+    members: list[tuple[str, int, int]] = []
+
+    def close(tied: bool) -> None:
+        nonlocal start, members
+        end = start + math.ceil((offset - start) / dp_size) * dp_size
+        spans.append(BucketSpan(start, end, tuple(members), tied))
+        start, members = end, []
+
+    for name, numel in reversed(named_numels):
+        tied = name == tied_name
+        if tied and members:
+            close(False)
+            offset = start
+        members.append((name, offset, offset + numel))
+        offset += numel
+        if tied or offset - start >= bucket_size:
+            close(tied)
+            offset = start
+    if members:
+        close(False)
+    return spans
+
+
+def owned_span(start: int, end: int, dp_size: int, dp_rank: int, distributed_optimizer: bool) -> tuple[int, int]:
+    """``[start, end)`` of bucket ``[start, end)`` that DP rank ``dp_rank`` owns: all of it without
+    the distributed optimizer, slice ``dp_rank`` of ``dp_size`` equal slices under ZeRO-1."""
+    if not distributed_optimizer:
+        return start, end
+    shard = (end - start) // dp_size
+    return start + dp_rank * shard, start + (dp_rank + 1) * shard
+
+
+def owned_param_pieces(spans: Sequence[BucketSpan], dp_size: int, dp_rank: int,
+                       distributed_optimizer: bool) -> list[tuple[str, int, int]]:
+    """``(name, start, end)`` of each piece of a parameter inside the ranges DP rank ``dp_rank``
+    owns, in buffer coordinates and bucket order: what the optimizer keeps state for."""
+    pieces = []
+    for span in spans:
+        lo, hi = owned_span(span.start, span.end, dp_size, dp_rank, distributed_optimizer)
+        for name, p_start, p_end in span.params:
+            start, end = max(p_start, lo), min(p_end, hi)
+            if start < end:
+                pieces.append((name, start, end))
+    return pieces
 
 
 def _named_trainable(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
@@ -118,28 +190,22 @@ class GradBuffer:
         self.embedding_group = state.embedding_group if shared else None
         # Offsets in backward order; buckets close once they hold bucket_size elements. The shared
         # embedding gets a bucket of its own.
+        self.layout = bucket_layout([(name, p.numel()) for name, p in named], self.dp_size, bucket_size,
+                                    "embed_tokens.weight" if shared else None)
+        params = dict(named)
         self.slots: list[ParamSlot] = []
         self.buckets: list[Bucket] = []
-        offset, bucket = 0, Bucket(0, 0, 0)
-        for name, p in reversed(named):
-            tied = shared and name == "embed_tokens.weight"
-            if tied and bucket.slots:
-                offset = self._close(bucket, offset)
-                bucket = Bucket(len(self.buckets), offset, offset)
-            slot = ParamSlot(name, p, offset, offset + p.numel(), bucket.index,
-                             replicated_over_tp=tp_shard_dim(name) is None,
-                             sequence_parallel=name in sequence_parallel_names,
-                             in_norm=not (pipeline is not None and pipeline.is_tied_copy(name, state.pp_rank)))
-            bucket.slots.append(slot)
-            bucket.tied = tied
-            self.slots.append(slot)
-            offset = slot.end
-            if tied or offset - bucket.start >= bucket_size:
-                offset = self._close(bucket, offset)
-                bucket = Bucket(len(self.buckets), offset, offset)
-        if bucket.slots:
-            offset = self._close(bucket, offset)
-        self.numel = offset
+        for index, span in enumerate(self.layout):
+            bucket = Bucket(index, span.start, span.end, tied=span.tied)
+            for name, start, end in span.params:
+                slot = ParamSlot(name, params[name], start, end, index,
+                                 replicated_over_tp=tp_shard_dim(name) is None,
+                                 sequence_parallel=name in sequence_parallel_names,
+                                 in_norm=not (pipeline is not None and pipeline.is_tied_copy(name, state.pp_rank)))
+                bucket.slots.append(slot)
+                self.slots.append(slot)
+            self.buckets.append(bucket)
+        self.numel = self.layout[-1].end
         self.params = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
         self.grads = torch.zeros(self.numel, dtype=grad_dtype, device=device)
         self._hooks = []
@@ -151,12 +217,6 @@ class GradBuffer:
             p.main_grad = self.grads[slot.start:slot.end].view_as(p)
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(slot)))
         self.by_name = {s.name: s for s in self.slots}
-
-    def _close(self, bucket: Bucket, offset: int) -> int:
-        size = offset - bucket.start
-        bucket.end = bucket.start + math.ceil(size / self.dp_size) * self.dp_size
-        self.buckets.append(bucket)
-        return bucket.end
 
     # ----------------------------------------------------------------------------- accumulation
     def _make_hook(self, slot: ParamSlot):
@@ -193,11 +253,7 @@ class GradBuffer:
     # ------------------------------------------------------------------------------ ownership
     def owned_range(self, bucket: Bucket) -> tuple[int, int]:
         """``[start, end)`` of the buffers this DP rank owns in ``bucket`` (all of it without ZeRO)."""
-        if not self.distributed_optimizer:
-            return bucket.start, bucket.end
-        shard = bucket.size // self.dp_size
-        start = bucket.start + self.dp_rank * shard
-        return start, start + shard
+        return owned_span(bucket.start, bucket.end, self.dp_size, self.dp_rank, self.distributed_optimizer)
 
     def owned_grad(self, bucket: Bucket) -> torch.Tensor:
         start, end = self.owned_range(bucket)
@@ -206,14 +262,8 @@ class GradBuffer:
     def owned_pieces(self) -> list[tuple[ParamSlot, int, int]]:
         """(slot, start, end) for each piece of a parameter inside a range this rank owns, in
         buffer coordinates; under ZeRO a parameter may be cut mid-tensor."""
-        pieces = []
-        for bucket in self.buckets:
-            lo, hi = self.owned_range(bucket)
-            for slot in bucket.slots:
-                start, end = max(slot.start, lo), min(slot.end, hi)
-                if start < end:
-                    pieces.append((slot, start, end))
-        return pieces
+        return [(self.by_name[name], start, end) for name, start, end in
+                owned_param_pieces(self.layout, self.dp_size, self.dp_rank, self.distributed_optimizer)]
 
     # ---------------------------------------------------------------------------- finalisation
     def finalize(self) -> None:
