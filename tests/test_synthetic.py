@@ -1,4 +1,5 @@
 """Synthetic logs: deterministic, rewards drawn from the distributions recorded in meta, exact ceilings."""
+import hashlib
 import json
 import math
 import os
@@ -10,8 +11,9 @@ import pytest
 
 from engine.data.reward_bins import FieldBins, RewardBins, fit_field
 from engine.data.sar import parse_json_line, parse_record
-from engine.data.synthetic import (DOMAIN_REWARDS, SyntheticConfig, bayes_ceiling, class_probabilities,
-                                   expected_auc, generate, roc_auc, write_logs)
+from engine.data.synthetic import (CATEGORIES, DOMAIN_REWARDS, ITEM_FEATURES, USER_FEATURES, SyntheticConfig,
+                                   SyntheticWorld, bayes_ceiling, class_probabilities, expected_auc, generate, roc_auc,
+                                   write_logs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +49,73 @@ def test_deterministic_from_seed_and_valid_records():
     # A split's size does not change another split's records.
     bigger = SyntheticConfig(seed=5, train_per_domain=50, test_per_domain=999)
     assert list(generate(bigger, "ads/ctr", "train")) == list(generate(config, "ads/ctr", "train"))
+
+
+def test_default_world_is_unchanged_record_for_record():
+    # SHA-256 of the first 40 training records of every domain at seed 0, written before the
+    # shared-structure knob existed: the default world (shared_structure 1) must keep them.
+    digest = hashlib.sha256()
+    for domain in DOMAIN_REWARDS:
+        for r in generate(SyntheticConfig(seed=0, train_per_domain=40), domain, "train"):
+            digest.update(json.dumps(r, sort_keys=True).encode())
+    assert digest.hexdigest() == "c08d55d8bfac6fde7c625a56bf5b0345d981d72b7514591a4acd0bd24d2a0ca6"
+    explicit = SyntheticConfig(seed=0, train_per_domain=40, shared_structure=1.0)
+    assert list(generate(explicit, "ads/cpc", "train")) == list(generate(SyntheticConfig(seed=0, train_per_domain=40),
+                                                                        "ads/cpc", "train"))
+
+
+def _random_pairs(count, seed):
+    rng = random.Random(seed)
+    return [({k: rng.choice(v) for k, v in USER_FEATURES.items()}, {k: rng.choice(v) for k, v in ITEM_FEATURES.items()})
+            for _ in range(count)]
+
+
+def _affinity_by_hand(embeddings, match, user, item, latent_dim):
+    u = sum(embeddings[k][user[k]] for k in USER_FEATURES)
+    v = sum(embeddings[k][item[k]] for k in ITEM_FEATURES)
+    return float(np.dot(u, v)) / math.sqrt(latent_dim) + (1.0 if match[user["interest"]] == item["category"] else 0.0)
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.3, 0.8])
+def test_shared_structure_mixes_shared_and_own_affinities(shared):
+    world, default = SyntheticWorld(4, 8, shared), SyntheticWorld(4, 8)
+    for name in default.embeddings:  # the shared part is the default world's, vector for vector
+        for value, vector in default.embeddings[name].items():
+            assert np.array_equal(world.embeddings[name][value], vector)
+    own_embeddings = {d: world.own[d][0] for d in DOMAIN_REWARDS}
+    assert not np.array_equal(own_embeddings["ads/ctr"]["brand"]["brand03"],
+                              own_embeddings["ads/cpc"]["brand"]["brand03"])
+    for user, item in _random_pairs(20, 1):
+        shared_value = _affinity_by_hand(default.embeddings, {c: c for c in CATEGORIES}, user, item, 8)
+        assert world.affinity(user, item) == pytest.approx(shared_value, abs=1e-12)
+        for domain in ("ads/ctr", "shop/purchase", "feed/session"):
+            own = _affinity_by_hand(*world.own[domain], user, item, 8)
+            assert world.affinity(user, item, domain) == pytest.approx(
+                math.sqrt(shared) * shared_value + math.sqrt(1 - shared) * own, abs=1e-12)
+
+
+def test_shared_structure_sets_the_correlation_between_domains_and_the_rewards_follow_it():
+    pairs = _random_pairs(3000, 2)
+    correlations = {}
+    for shared in (0.0, 0.5, 1.0):
+        world = SyntheticWorld(0, 8, shared)
+        ctr = np.array([world.affinity(u, i, "ads/ctr") for u, i in pairs])
+        others = [np.array([world.affinity(u, i, d) for u, i in pairs]) for d in ("ads/cpc", "shop/purchase")]
+        correlations[shared] = [float(np.corrcoef(ctr, o)[0, 1]) for o in others]
+    assert correlations[1.0] == pytest.approx([1.0, 1.0])
+    assert all(abs(c) < 0.25 for c in correlations[0.0])
+    assert all(0.3 < c < 0.75 for c in correlations[0.5])
+    # Records carry the mixed affinity: ads/ctr's recorded p is the domain formula on it.
+    config = SyntheticConfig(seed=3, train_per_domain=30, shared_structure=0.4)
+    world = SyntheticWorld(3, 8, 0.4)
+    for r in generate(config, "ads/ctr", "train"):
+        user = {k: r["state"][f"user_{k}"] for k in USER_FEATURES}
+        item = {k: r["action"][f"item_{k}"] for k in ITEM_FEATURES}
+        logit = (-1.5 + 1.2 * world.affinity(user, item, "ads/ctr") + world.position_ctr[r["state"]["position"]]
+                 + world.device_ctr[user["device"]])
+        assert r["meta"]["reward_dist"]["click"]["p"] == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-12)
+    assert list(generate(config, "ads/ctr", "train")) != list(generate(SyntheticConfig(seed=3, train_per_domain=30),
+                                                                      "ads/ctr", "train"))
 
 
 def test_bernoulli_rewards_follow_recorded_p_bucket_by_bucket(samples):
@@ -192,6 +261,9 @@ def test_write_logs_layout_manifest_and_ood(tmp_path):
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"domains": ("shop/purchase",)}, "no in-domain domain"),
     ({"domains": ("ads/ctr", "nope")}, "unknown synthetic domain 'nope'"),
+    ({"shared_structure": 1.5}, r"shared_structure must be a number in \[0, 1\], got 1.5"),
+    ({"shared_structure": -0.1}, "shared_structure must be a number in"),
+    ({"shared_structure": "0.5"}, "shared_structure must be a number in"),
 ])
 def test_config_refuses_bad_values_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -226,6 +298,19 @@ def test_tool_prints_a_short_summary_with_counts_and_the_manifest(tmp_path, caps
     for domain, rel in manifest["files"]["valid"].items():  # the counts printed are the lines written
         assert len((tmp_path / "logs" / rel).read_text().splitlines()) == 3
     assert lines[-1].endswith(os.path.join(out_dir, "manifest.json")) and "Bayes ceilings" in lines[-1]
+    assert manifest["config"]["shared_structure"] == 1.0
+
+
+def test_tool_writes_the_shared_structure_it_was_given(tmp_path, capsys):
+    out_dir = str(tmp_path / "logs")
+    argv = ["--output-dir", out_dir, "--train", "20", "--valid", "0", "--test", "0", "--shared-structure", "0.25"]
+    assert make_synthetic_logs()["main"](argv) == 0
+    assert "(seed 0, shared structure 0.25)" in capsys.readouterr().out.splitlines()[0]
+    manifest = json.loads((tmp_path / "logs" / "manifest.json").read_text())
+    assert manifest["config"]["shared_structure"] == 0.25
+    ctr = (tmp_path / "logs" / manifest["files"]["train"]["ads/ctr"]).read_text().splitlines()
+    config = SyntheticConfig(seed=0, train_per_domain=20, shared_structure=0.25)
+    assert [json.loads(line) for line in ctr] == list(generate(config, "ads/ctr", "train"))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -234,6 +319,7 @@ def test_tool_prints_a_short_summary_with_counts_and_the_manifest(tmp_path, caps
     (["--test", "many"], "argument --test: expected an integer, got 'many'"),
     (["--ood-domains", "ads/ctr", "ads/cpc", "ads/impressions", "shop/purchase"], "no in-domain domain"),
     (["--ood-domains", "nope"], "argument --ood-domains: invalid choice: 'nope'"),
+    (["--shared-structure", "1.2"], "argument --shared-structure: expected a number in [0, 1], got '1.2'"),
 ])
 def test_tool_bad_arguments_are_usage_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:

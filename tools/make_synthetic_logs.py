@@ -2,6 +2,7 @@
 """Write synthetic SAR logs with known reward distributions (and their Bayes ceilings).
 
     python tools/make_synthetic_logs.py --output-dir runs/sar/logs --seed 0 --train 4000
+    python tools/make_synthetic_logs.py --output-dir runs/sar/logs_half --shared-structure 0.5
 
 Writes <output-dir>/<split>/<domain>.jsonl for the train, valid and test splits and
 <output-dir>/manifest.json (the files, which domains are in- and out-of-domain, and the best accuracy,
@@ -11,10 +12,18 @@ import argparse
 import os
 import sys
 
-from engine.data.synthetic import DEFAULT_DOMAINS, DOMAIN_REWARDS, SyntheticConfig, format_logs_summary, write_logs
+from engine.data.synthetic import (DEFAULT_DOMAINS, DOMAIN_REWARDS, SyntheticConfig, check_shared_structure,
+                                   format_logs_summary, write_logs)
 from engine.cli import HelpFormatter, int_at_least
 
 PROG = os.path.basename(__file__)
+
+
+def shared_structure(text: str) -> float:
+    try:
+        return check_shared_structure(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DOMAIN", help="domains marked out-of-domain in the manifest: written like the "
                    "others, meant to be held out of continued pre-training and used to evaluate transfer "
                    "(none: give the flag alone)")
+    p.add_argument("--shared-structure", type=shared_structure, default=1.0, metavar="S",
+                   help="how much of the user-item affinity the domains share: any two domains' affinities "
+                   "have correlation S (1: one affinity for all; 0: each domain its own)")
     return p
 
 
@@ -40,7 +52,7 @@ def main(argv=None) -> int:
     try:
         config = SyntheticConfig(seed=args.seed, train_per_domain=args.train, valid_per_domain=args.valid,
                                  test_per_domain=args.test, domains=tuple(args.domains),
-                                 ood_domains=tuple(args.ood_domains))
+                                 ood_domains=tuple(args.ood_domains), shared_structure=args.shared_structure)
     except ValueError as exc:  # a combination of options (e.g. every domain out-of-domain)
         parser.error(str(exc))
     try:

@@ -12,6 +12,12 @@ item's category) is shared by every domain. Each domain adds its own terms:
   in turn; at step t, click ~ Bernoulli(sigmoid(-1.0 + 1.0 aff + 0.5 clicks_so_far - 0.3 t)),
   clicks_so_far in the state
 
+``shared_structure`` (s in [0, 1], default 1) sets how much of that affinity the domains share:
+below 1, each domain's affinity is ``sqrt(s) * shared + sqrt(1 - s) * own``, where ``own`` is an
+affinity of the same form and scale from the domain's own latent vectors (and its own pairing of
+interests with categories). Any two domains' affinities then have correlation s: 1, one affinity
+for every domain (the default world, record for record); 0, nothing to transfer between domains.
+
 Every record carries its exact reward distribution in ``meta.reward_dist`` (never serialized; for
 an episode, a list with one entry per step), so ``bayes_ceiling`` gives the best accuracy / AUC /
 log-loss any model can reach on a split once the reward bins are known. Everything is a
@@ -57,6 +63,7 @@ class SyntheticConfig:
     domains: tuple[str, ...] = DEFAULT_DOMAINS
     ood_domains: tuple[str, ...] = ("shop/purchase",)
     latent_dim: int = 8
+    shared_structure: float = 1.0  # correlation of any two domains' affinities (see the module docstring)
 
     def __post_init__(self):
         for d in self.domains + self.ood_domains:
@@ -75,6 +82,7 @@ class SyntheticConfig:
                              f"{', '.join(self.domains) or '(none)'} is listed as out-of-domain")
         if self.latent_dim < 1:
             raise ValueError(f"latent_dim must be at least 1, got {self.latent_dim}")
+        object.__setattr__(self, "shared_structure", check_shared_structure(self.shared_structure))
 
     @property
     def in_domain(self) -> list[str]:
@@ -84,6 +92,13 @@ class SyntheticConfig:
         return {"train": self.train_per_domain, "valid": self.valid_per_domain, "test": self.test_per_domain}[split]
 
 
+def check_shared_structure(value) -> float:
+    """``value`` as a float in [0, 1], or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"shared_structure must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -91,25 +106,41 @@ def _sigmoid(x: float) -> float:
 class SyntheticWorld:
     """The seeded latent structure shared by every domain, and the per-domain terms."""
 
-    def __init__(self, seed: int, latent_dim: int = 8):
+    def __init__(self, seed: int, latent_dim: int = 8, shared_structure: float = 1.0):
         rng = np.random.default_rng([seed, 7919])
         self.latent_dim = latent_dim
-        self.embeddings = {}
-        for name, values in {**USER_FEATURES, **ITEM_FEATURES}.items():
-            scale = 0.5 if name in USER_FEATURES else 0.55
-            self.embeddings[name] = {v: rng.normal(0.0, scale, latent_dim) for v in values}
+        self.shared_structure = check_shared_structure(shared_structure)
+        self.embeddings = _draw_embeddings(rng, latent_dim)
+        self.interest_match = {c: c for c in CATEGORIES}
+        # Each domain's own latent structure, from streams of its own: the shared world above draws
+        # exactly what it draws at shared_structure 1.
+        self.own = {}
+        if self.shared_structure < 1.0:
+            for index, domain in enumerate(DOMAIN_REWARDS):
+                own_rng = np.random.default_rng([seed, 7919, 1 + index])
+                embeddings = _draw_embeddings(own_rng, latent_dim)
+                self.own[domain] = (embeddings, dict(zip(CATEGORIES, own_rng.permutation(CATEGORIES).tolist())))
         self.device_ctr = {d: float(rng.normal(0.0, 0.3)) for d in DEVICES}
         self.position_ctr = {1: 0.4, 2: 0.0, 3: -0.4}
         self.price_cpc = {"low": -0.3, "mid": 0.0, "high": 0.4}
         self.hour_phase = float(rng.uniform(0, 2 * math.pi))
         self.season_category = {(s, c): float(rng.normal(0.0, 0.5)) for s in SEASONS for c in CATEGORIES}
 
-    def affinity(self, user: dict, item: dict) -> float:
-        u = self.embeddings["age"][user["age"]] + self.embeddings["region"][user["region"]] \
-            + self.embeddings["device"][user["device"]] + self.embeddings["interest"][user["interest"]]
-        v = self.embeddings["category"][item["category"]] + self.embeddings["brand"][item["brand"]] \
-            + self.embeddings["price_tier"][item["price_tier"]]
-        bonus = 1.0 if user["interest"] == item["category"] else 0.0
+    def affinity(self, user: dict, item: dict, domain: str | None = None) -> float:
+        """The user-item affinity in ``domain``: the shared one, mixed with the domain's own below
+        ``shared_structure`` 1 (``domain`` None: the shared one)."""
+        shared = self._affinity(self.embeddings, self.interest_match, user, item)
+        if domain is None or self.shared_structure == 1.0:
+            return shared
+        own = self._affinity(*self.own[domain], user, item)
+        return math.sqrt(self.shared_structure) * shared + math.sqrt(1.0 - self.shared_structure) * own
+
+    def _affinity(self, embeddings: dict, interest_match: dict, user: dict, item: dict) -> float:
+        u = embeddings["age"][user["age"]] + embeddings["region"][user["region"]] \
+            + embeddings["device"][user["device"]] + embeddings["interest"][user["interest"]]
+        v = embeddings["category"][item["category"]] + embeddings["brand"][item["brand"]] \
+            + embeddings["price_tier"][item["price_tier"]]
+        bonus = 1.0 if interest_match[user["interest"]] == item["category"] else 0.0
         return float(u @ v) / math.sqrt(self.latent_dim) + bonus
 
     def sample(self, domain: str, rng: np.random.Generator) -> dict:
@@ -118,7 +149,7 @@ class SyntheticWorld:
             return self._sample_session(rng)
         user = {k: _pick(v, rng) for k, v in USER_FEATURES.items()}
         item = {k: _pick(v, rng) for k, v in ITEM_FEATURES.items()}
-        aff = self.affinity(user, item)
+        aff = self.affinity(user, item, domain)
         field, kind = DOMAIN_REWARDS[domain]
         state = {f"user_{k}": v for k, v in user.items()}
         action = {f"item_{k}": v for k, v in item.items()}
@@ -158,13 +189,22 @@ class SyntheticWorld:
         for t in range(int(rng.integers(2, 6))):
             item = {k: _pick(v, rng) for k, v in ITEM_FEATURES.items()}
             dist = {"kind": "bernoulli",
-                    "p": _sigmoid(-1.0 + 1.0 * self.affinity(user, item) + 0.5 * clicks - 0.3 * t)}
+                    "p": _sigmoid(-1.0 + 1.0 * self.affinity(user, item, "feed/session") + 0.5 * clicks - 0.3 * t)}
             click = draw(dist, rng)
             steps.append({"state": {**{f"user_{k}": v for k, v in user.items()}, "step": t, "clicks_so_far": clicks},
                           "action": {f"item_{k}": v for k, v in item.items()}, "reward": {"click": click}})
             dists.append({"click": dist})
             clicks += click
         return {"domain": "feed/session", "steps": steps, "meta": {"reward_dist": dists}}
+
+
+def _draw_embeddings(rng: np.random.Generator, latent_dim: int) -> dict:
+    """A latent vector for every user and item feature value (user features scale 0.5, items 0.55)."""
+    embeddings = {}
+    for name, values in {**USER_FEATURES, **ITEM_FEATURES}.items():
+        scale = 0.5 if name in USER_FEATURES else 0.55
+        embeddings[name] = {v: rng.normal(0.0, scale, latent_dim) for v in values}
+    return embeddings
 
 
 def _pick(values: tuple, rng: np.random.Generator):
@@ -185,7 +225,7 @@ def draw(dist: dict, rng: np.random.Generator):
 
 def generate(config: SyntheticConfig, domain: str, split: str) -> Iterator[dict]:
     """Records of one (domain, split); each pair has its own random stream, so sizes are independent."""
-    world = SyntheticWorld(config.seed, config.latent_dim)
+    world = SyntheticWorld(config.seed, config.latent_dim, config.shared_structure)
     domain_index = list(DOMAIN_REWARDS).index(domain)
     rng = np.random.default_rng([config.seed, domain_index, SPLITS.index(split)])
     for _ in range(config.count(split)):
@@ -234,7 +274,9 @@ def format_logs_summary(manifest: dict, out_dir: str) -> str:
     counts = {split: config[f"{split}_per_domain"] for split in SPLITS}
     domains = list(manifest["reward_fields"])
     width = max(len(d) for d in domains) + len(" (out-of-domain)")
-    lines = [f"wrote synthetic SAR logs to {out_dir} (seed {config['seed']}): "
+    shared = config.get("shared_structure", 1.0)
+    world = f"seed {config['seed']}" + (f", shared structure {shared:g}" if shared != 1.0 else "")
+    lines = [f"wrote synthetic SAR logs to {out_dir} ({world}): "
              f"{out_dir}/<split>/<domain>.jsonl",
              f"  {'records':{width}} " + " ".join(f"{split:>7}" for split in SPLITS)]
     for domain in domains:
