@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""The LTU experiment: does continued pre-training on decision logs (CT), then SFT, beat SFT alone?
+
+    python tools/ltu_experiment.py --quick --out benchmarks/results/ltu_quick --work runs/ltu_quick
+    python tools/ltu_experiment.py --full --out runs/ltu_full/report --work runs/ltu_full   # GPU machine
+    python tools/ltu_experiment.py --quick --dry-run            # list every run's command, run nothing
+
+Arms, each from one base checkpoint with the same SFT budget and settings: A SFT only; B LTU (CT on
+the SAR logs of other domains, then SFT); C control (CT on the same logs with rewards shuffled across
+records); D compute-matched SFT only (CT + SFT steps); F CT with general text blended in (25% and 50%
+of tokens). Several seeds, paired; a data-efficiency curve (A and B from a few dozen SFT records to
+all) and a dose-response (B - A as the domains share less structure). Every run is an ordinary
+tools/pretrain.py, tools/evaluate.py or data-tool command with its own output directory; report.md
+lists them all. Completed runs are reused when the same command is planned again. Writes report.md,
+report.json and plots (arms, differences, data efficiency, dose-response) under --out.
+
+The data steps it runs are also subcommands, to rerun by hand:
+
+    python tools/ltu_experiment.py shuffle-rewards --seed 1 --out-dir OUT --input logs/train/ads_cpc.jsonl ...
+    python tools/ltu_experiment.py general-text --jsonl text.jsonl --output-prefix data/text --tokenizer-model M
+    python tools/ltu_experiment.py subset --input logs/train/ads_ctr.jsonl --output sft.jsonl --records 500
+
+Exit status: 0 done, 1 a run failed (its command and the end of its log are printed), 2 bad command
+line, 130/143 interrupted (running jobs are stopped; completed ones are kept for the next run).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from engine.cli import HelpFormatter, int_at_least
+
+PROG = os.path.basename(__file__)
+positive_int = int_at_least(1, "a positive integer")
+SUBCOMMANDS = ("shuffle-rewards", "general-text", "subset")
+
+
+def _floats(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    setting = p.add_mutually_exclusive_group()
+    setting.add_argument("--quick", action="store_true", help="the 2-CPU-core setting (about 10 minutes)")
+    setting.add_argument("--full", action="store_true", help="the GPU / cluster setting")
+    p.add_argument("--out", default=None, help="folder for report.md, report.json and plots "
+                   "(default: <work>/report)")
+    p.add_argument("--work", default=None, help="folder for logs, datasets, checkpoints, evaluations and job "
+                   "records (default: runs/ltu_quick or runs/ltu_full)")
+    p.add_argument("--seeds", type=int_at_least(0), nargs="+", default=None, help="training seeds (data order)")
+    p.add_argument("--records", type=positive_int, default=None, help="training records per domain")
+    p.add_argument("--valid-records", type=positive_int, default=None, help="validation records per domain")
+    p.add_argument("--test-records", type=positive_int, default=None, help="test records per domain")
+    p.add_argument("--sft-records", type=positive_int, default=None, help="target records of the main arms' SFT")
+    p.add_argument("--ct-iters", type=positive_int, default=None, help="CT optimizer steps")
+    p.add_argument("--sft-iters", type=positive_int, default=None, help="SFT optimizer steps (every arm)")
+    p.add_argument("--ct-seq-length", type=positive_int, default=None, help="tokens per CT sample")
+    p.add_argument("--ct-batch", type=positive_int, default=None, help="CT samples per step (one microbatch)")
+    p.add_argument("--ct-lr", type=_floats, default=None, help="CT peak learning rate (cosine to a tenth)")
+    p.add_argument("--sft-lr", type=_floats, default=None, help="SFT peak learning rate (cosine to a tenth)")
+    p.add_argument("--curve-sizes", type=positive_int, nargs="*", default=None,
+                   help="SFT records of the data-efficiency curve (none: no curve)")
+    p.add_argument("--curve-seeds", type=int_at_least(0), default=None, help="how many seeds run the curve")
+    p.add_argument("--dose-levels", type=_floats, nargs="*", default=None,
+                   help="shared-structure levels of the dose-response besides the main world (none: no dose-response)")
+    p.add_argument("--dose-seeds", type=int_at_least(0), default=None, help="how many seeds run the dose-response")
+    p.add_argument("--shared-structure", type=_floats, default=None, help="the main world's shared structure")
+    p.add_argument("--text-shares", type=_floats, nargs="+", default=None,
+                   help="shares of general text in arm F's CT tokens (one F run per share)")
+    p.add_argument("--arms", nargs="+", choices=("A", "B", "C", "D", "F"), default=None,
+                   help="arms to run (A and B always)")
+    p.add_argument("--ct-includes-target", action="store_true",
+                   help="add the target's training split to CT (default: CT reads only other domains)")
+    p.add_argument("--eval-split", choices=("test", "valid"), default=None,
+                   help="split the metrics are computed on: make choices on valid, report test")
+    p.add_argument("--base", default=None, help="start every arm from this checkpoint (engine or Hugging Face) "
+                   "instead of a fresh model; needs --tokenizer")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer of --base")
+    p.add_argument("--jobs", type=positive_int, default=None, help="runs at a time")
+    p.add_argument("--launcher", default=None, help="how training and evaluation start, e.g. "
+                   "'torchrun --nproc_per_node 8' (default: python)")
+    p.add_argument("--bootstrap", type=int_at_least(2), default=None, help="bootstrap resamples per interval")
+    p.add_argument("--dry-run", action="store_true", help="print every run's command and output, run nothing")
+    return p
+
+
+def experiment_config(args: argparse.Namespace):
+    from engine.eval.experiment import ExperimentConfig, preset
+
+    name = "full" if args.full else "quick"
+    fields = preset(name)
+    overrides = {"seeds": args.seeds and tuple(args.seeds), "records_per_domain": args.records,
+                 "sft_records": args.sft_records, "curve_seeds": args.curve_seeds, "dose_seeds": args.dose_seeds,
+                 "shared_structure": args.shared_structure, "eval_split": args.eval_split, "base": args.base,
+                 "tokenizer": args.tokenizer, "jobs": args.jobs, "bootstrap": args.bootstrap,
+                 "valid_per_domain": args.valid_records, "test_per_domain": args.test_records}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in (("curve_sizes", args.curve_sizes), ("dose_levels", args.dose_levels),
+                       ("text_shares", args.text_shares)):
+        if value is not None:
+            fields[key] = tuple(value)
+    if args.bootstrap is not None:
+        fields["eval_bootstrap"] = min(args.bootstrap, fields.get("eval_bootstrap", 200))
+    if args.arms is not None:
+        fields["arms"] = tuple(dict.fromkeys(("A", "B", *args.arms)))
+    if args.ct_includes_target:
+        fields["ct_includes_target"] = True
+    for stage, iters, lr in (("ct", args.ct_iters, args.ct_lr), ("sft", args.sft_iters, args.sft_lr)):
+        changes = {}
+        if stage == "ct" and args.ct_seq_length is not None:
+            changes["seq_length"] = args.ct_seq_length
+        if stage == "ct" and args.ct_batch is not None:
+            changes.update(global_batch_size=args.ct_batch, micro_batch_size=args.ct_batch)
+        if iters is not None:
+            changes["iters"] = iters
+        if lr is not None:
+            changes.update(lr=lr, min_lr=lr / 10)
+        if changes:
+            import dataclasses
+
+            fields[stage] = dataclasses.replace(fields[stage], **changes)
+    if args.launcher is not None:
+        fields["launcher"] = tuple(shlex.split(args.launcher))
+    fields["work"] = args.work or os.path.join("runs", f"ltu_{name}")
+    fields["out"] = args.out or os.path.join(fields["work"], "report")
+    return ExperimentConfig(setting=name, **fields)
+
+
+def run_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from engine.eval.experiment import ExperimentError, build_plan
+    from engine.fileio import Interrupted, signals_raise_interrupted
+
+    try:
+        cfg = experiment_config(args)
+    except ExperimentError as exc:
+        parser.error(str(exc))
+    if args.dry_run:
+        for job in build_plan(cfg).values():
+            print(f"# {job.name} -> {job.out_dir}\n{job.command()}")
+        return 0
+    from engine.eval.experiment_report import run_experiment
+
+    command = " ".join(shlex.quote(a) for a in ["python", "tools/ltu_experiment.py", *argv])
+    try:
+        with signals_raise_interrupted():
+            report = run_experiment(cfg, command)
+    except Interrupted as exc:
+        print(f"{PROG}: interrupted by {exc.signal_name}; completed runs are kept under {cfg.work}", file=sys.stderr)
+        return exc.exit_status
+    except (ExperimentError, OSError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    for v in report["verdicts"]:
+        word = {True: "holds", False: "does not hold", None: "undecided"}[v["holds"]]
+        print(f"{v['comparison']} {v['group']} AUC: {v['mean']:+.4f}: {word}")
+    for kind, path in report["written"].items():
+        print(f"wrote {path}")
+    return 0
+
+
+def data_main(argv: list[str]) -> int:
+    """The data subcommands (the experiment runs them as ordinary commands too)."""
+    p = argparse.ArgumentParser(prog=f"{PROG} {argv[0]}", formatter_class=HelpFormatter)
+    if argv[0] == "shuffle-rewards":
+        p.description = "Write the logs with every reward moved to another record of its domain and field."
+        p.add_argument("--input", nargs="+", required=True, help="JSON Lines logs (pooled per domain and field)")
+        p.add_argument("--out-dir", required=True, help="folder for the shuffled files (same names)")
+        p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the permutations")
+    elif argv[0] == "general-text":
+        p.description = "Write Python's documentation topics as {\"text\": ...} JSON Lines and tokenize them."
+        p.add_argument("--jsonl", required=True, help="the JSON Lines file to write")
+        p.add_argument("--output-prefix", default=None, help="also tokenize it into this indexed dataset")
+        p.add_argument("--tokenizer-model", default=None, help="tokenizer for --output-prefix")
+    else:
+        p.description = "Keep the first N records of a log."
+        p.add_argument("--input", required=True)
+        p.add_argument("--output", required=True)
+        p.add_argument("--records", type=positive_int, required=True)
+    args = p.parse_args(argv[1:])
+    from engine.eval import experiment_data as data
+
+    try:
+        if argv[0] == "shuffle-rewards":
+            summary = data.shuffle_rewards(args.input, args.out_dir, args.seed)
+            print(f"wrote {len(summary['files'])} files to {args.out_dir}: rewards of "
+                  f"{', '.join(f'{k} ({v})' for k, v in summary['fields'].items())} permuted across records; "
+                  f"{summary['from_other_record']:.1%} now come from another record, "
+                  f"{summary['changed_value']:.1%} changed value")
+        elif argv[0] == "general-text":
+            if (args.output_prefix is None) != (args.tokenizer_model is None):
+                p.error("--output-prefix and --tokenizer-model go together")
+            summary = data.write_general_text(args.jsonl)
+            print(f"wrote {args.jsonl}: {summary['documents']} documents, {summary['characters']} characters")
+            if args.output_prefix:
+                counts = data.write_text_dataset([args.jsonl], args.output_prefix, args.tokenizer_model)
+                print(f"wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, "
+                      f"{counts['tokens']} tokens ({counts['unknown_tokens']} unknown)")
+        else:
+            kept = data.write_subset(args.input, args.output, args.records)
+            print(f"wrote {args.output}: the first {kept} records of {args.input}")
+    except (OSError, ValueError) as exc:
+        print(f"{PROG} {argv[0]}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return data_main(argv)
+    return run_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
