@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the target's training split to CT (default: CT reads only other domains)")
     p.add_argument("--eval-split", choices=("test", "valid"), default=None,
                    help="split the metrics are computed on: make choices on valid, report test")
+    p.add_argument("--model", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="the fresh model's architecture as pretrain.py --model.KEY values, e.g. "
+                   "preset=tiny hidden_size=128 num_hidden_layers=4 (default: preset=tiny)")
     p.add_argument("--base", default=None, help="start every arm from this checkpoint (engine or Hugging Face) "
                    "instead of a fresh model; needs --tokenizer")
     p.add_argument("--tokenizer", default=None, help="the tokenizer of --base")
@@ -88,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int_at_least(2), default=None, help="bootstrap resamples per interval")
     p.add_argument("--dry-run", action="store_true", help="print every run's command and output, run nothing")
     return p
+
+
+def _model_fields(pairs: list[str]) -> dict:
+    """``--model preset=tiny hidden_size=128`` as {"preset": "tiny", "hidden_size": "128"}."""
+    from engine.eval.experiment import ExperimentError
+
+    model = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ExperimentError(f"--model takes KEY=VALUE pairs, got {pair!r}")
+        model[key] = value
+    return model
 
 
 def experiment_config(args: argparse.Namespace):
@@ -125,6 +141,8 @@ def experiment_config(args: argparse.Namespace):
             import dataclasses
 
             fields[stage] = dataclasses.replace(fields[stage], **changes)
+    if args.model is not None:
+        fields["model"] = _model_fields(args.model)
     if args.launcher is not None:
         fields["launcher"] = tuple(shlex.split(args.launcher))
     fields["work"] = args.work or os.path.join("runs", f"ltu_{name}")

@@ -427,8 +427,9 @@ def build_plan(cfg: ExperimentConfig) -> dict[str, Job]:
                 label = f"F{round(share * 100)}"
                 spec = f"{1 - share:g} {main['ct']} {share:g} {text[1]}"
                 ct[label] = plan.ct_run(main, "F", seed, spec, [main["deps"]["ct"], text[0]], label)
-        for label, run in ct.items():
-            plan.ct_only_evaluation(main, run, label[0], label, seed)
+        for label in ("B", "C"):  # what CT learned, with and without the decision-reward link
+            if label in ct:
+                plan.ct_only_evaluation(main, ct[label], label, label, seed)
         sizes = curve if index < cfg.curve_seeds else [cfg.sft_records]
         for records in sizes:
             plan.sft_and_eval(main, "A", "A", seed, records, base_init)

@@ -356,8 +356,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     if report.get("before_sft"):
         lines += ["", "## What CT alone learned (CT checkpoints scored before SFT)", "",
                   "AUC on the evaluation domains (zero-shot for the target and the held-out domain), log-loss on "
-                  "the CT domains' own test records against predicting the label frequencies (prior) and the "
-                  "Bayes ceiling; then what SFT changed (after minus before, paired).", "",
+                  f"the CT domains' own {s['eval_split']} records against predicting the label frequencies (prior) "
+                  "and the Bayes ceiling; then what SFT changed (after minus before, paired).", "",
                   "| CT of | in-domain AUC | out-of-domain AUC | multi-step AUC | CT-domain log-loss (prior / Bayes) "
                   "| SFT effect, in-domain AUC | SFT effect, out-of-domain AUC |", "|---|---|---|---|---|---|---|"]
         for label, entry in report["before_sft"].items():
