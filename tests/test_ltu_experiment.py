@@ -421,3 +421,143 @@ def test_smoke_runs_reproduce_by_hand_and_a_rerun_reuses_them(smoke, tmp_path):
     assert all(r["reused"] for r in again["runs"])
     assert again["arms"] == smoke["report"]["arms"]
     assert math.isclose(again["costs"]["B"]["ct_s"], smoke["report"]["costs"]["B"]["ct_s"])
+
+
+# ------------------------------------------------------------------ logs from a folder (--logs)
+LOG_DOMAINS = {"shop/a": 40, "shop/b": 48, "shop/c": 40, "shop/d": 40, "shop/e": 40}  # training records
+
+
+def write_log_folder(root, domains=LOG_DOMAINS, valid=12, test=16):
+    """A SAR log folder as make_movielens_logs.py / make_obd_logs.py lay it out, with real-log rewards
+    (no true distributions): shop/a-c in domain, shop/d and shop/e out of domain."""
+    rng = np.random.default_rng(0)
+    files = {}
+    for split in ("train", "valid", "test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for domain, train in domains.items():
+            rel = f"{split}/{domain.replace('/', '_')}.jsonl"
+            n = {"train": train, "valid": valid, "test": test}[split]
+            users, items = rng.integers(0, 4, n), rng.integers(0, 4, n)
+            _write_lines(root / rel, [{"domain": domain, "state": {"user": f"u{u}"}, "action": {"item": f"i{i}"},
+                                       "reward": {"buy": int((u + i) % 2 == 0)}} for u, i in zip(users, items)])
+            files.setdefault(split, {})[domain] = rel
+    manifest = {"source": {"name": "hand-written shop logs"}, "in_domain": ["shop/a", "shop/b", "shop/c"],
+                "out_of_domain": ["shop/d", "shop/e"], "files": files, "bayes_ceiling": {},
+                "split": {"rule": "by hand"}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def log_folder(tmp_path_factory):
+    return write_log_folder(tmp_path_factory.mktemp("shop_logs"))
+
+
+def _logs_config(tmp_path, folder, **changes):
+    fields = dict(preset("quick"), logs=str(folder), target="shop/a", ood="shop/d", ct_domains=("shop/b", "shop/c"),
+                  dose_levels=(), curve_sizes=(10, 40), sft_records=30)
+    fields.update(changes)
+    return ExperimentConfig(out=str(tmp_path / "report"), work=str(tmp_path / "work"), **fields)
+
+
+def _jsonl_args(job):
+    return [a for a in job.argv if a.endswith(".jsonl")]
+
+
+def test_logs_plan_reads_the_folder_and_runs_every_arm_but_no_dose_response(tmp_path, log_folder):
+    jobs = build_plan(_logs_config(tmp_path, log_folder))
+    folder = str(log_folder)
+    assert not any(j.argv[1] == "tools/make_synthetic_logs.py" for j in jobs.values() if len(j.argv) > 1)
+    assert not any(name.startswith("shared") for name in jobs)  # no dose-response worlds
+    # The tokenizer trains on the training split of the domains the experiment names, never another's.
+    assert _jsonl_args(jobs["main/tokenizer"]) == [f"{folder}/train/shop_{d}.jsonl" for d in "adbc"]
+    assert _jsonl_args(jobs["main/ct_data"]) == [f"{folder}/train/shop_{d}.jsonl" for d in "bc"]
+    assert _jsonl_args(jobs["main/ct_valid_data"]) == [f"{folder}/valid/shop_{d}.jsonl" for d in "bc"]
+    assert _flags(jobs["main/sft_subset_n30"].argv)["--input"] == f"{folder}/train/shop_a.jsonl"
+    assert _jsonl_args(jobs["main/shuffle_s1"]) == [f"{folder}/train/shop_{d}.jsonl" for d in "bc"]
+    assert jobs["main/tokenizer"].deps == [] and jobs["main/shuffle_s1"].deps == []  # nothing writes the logs
+    evals = [j for j in jobs.values() if j.info.get("kind") == "eval"]
+    after = {tuple(_jsonl_args(j)) for j in evals if j.info["records"] > 0}
+    assert after == {(f"{folder}/test/shop_a.jsonl", f"{folder}/test/shop_d.jsonl")}
+    assert {j.info["label"] for j in evals} == {"A", "B", "C", "D", "F25", "F50"}
+    assert {j.info["records"] for j in evals if j.info["label"] == "A"} == {10, 30, 40}
+    valid = build_plan(_logs_config(tmp_path, log_folder, eval_split="valid"))
+    assert all("/valid/" in f for j in valid.values() if j.info.get("kind") == "eval" for f in _jsonl_args(j))
+
+
+def test_logs_domains_default_from_the_manifest(log_folder):
+    proc = subprocess.run([sys.executable, TOOL, "--quick", "--logs", str(log_folder), "--sft-records", "30",
+                           "--dry-run"], capture_output=True, text=True, timeout=60, cwd=REPO, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    evaluate = next(line for line in proc.stdout.splitlines() if "tools/evaluate.py" in line)
+    # Target: the in-domain domain with the most training records; held out: the first out-of-domain
+    # one; CT: the other in-domain domains. The curve keeps the setting's sizes up to shop/b's 48.
+    assert "--in-domain shop/b " in evaluate and "test/shop_d.jsonl" in evaluate and "shop_e" not in proc.stdout
+    ct_data = proc.stdout.split("# main/ct_data ")[1].splitlines()[1]
+    assert "train/shop_a.jsonl" in ct_data and "train/shop_c.jsonl" in ct_data and "shop_b" not in ct_data
+    subsets = {line.split()[-1] for line in proc.stdout.splitlines() if " subset " in line}
+    assert subsets == {"30"}  # the quick curve (50, 500, 4000) is above the 48 records: no curve
+    proc = subprocess.run([sys.executable, TOOL, "--quick", "--logs", str(log_folder), "--target", "shop/c", "--ood",
+                           "shop/e", "--sft-records", "30", "--dry-run"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    ct_data = proc.stdout.split("# main/ct_data ")[1].splitlines()[1]
+    assert [a for a in ct_data.split() if a.endswith(".jsonl")] == \
+        [f"{log_folder}/train/shop_{d}.jsonl" for d in "ab"]
+
+
+def test_logs_settings_that_cannot_work_are_refused_by_name(tmp_path, log_folder):
+    with pytest.raises(ExperimentError, match=r"unknown domain 'shop/zz' in .* \(known: shop/a, shop/b, shop/c, "
+                                              r"shop/d, shop/e\)"):
+        _logs_config(tmp_path, log_folder, ct_domains=("shop/b", "shop/zz"))
+    with pytest.raises(ExperimentError, match="the dose-response .* needs the synthetic generator"):
+        _logs_config(tmp_path, log_folder, dose_levels=(0.5,))
+    with pytest.raises(ExperimentError, match=r"SFT sizes \[100\] must be between 1 and the 40 training records of "
+                                              "the target shop/a"):
+        _logs_config(tmp_path, log_folder, curve_sizes=(100,))
+    with pytest.raises(ExperimentError, match="manifest.json: not found; --logs takes a SAR log folder"):
+        _logs_config(tmp_path, tmp_path / "nowhere")
+    broken = write_log_folder(tmp_path / "broken")
+    os.remove(broken / "test" / "shop_c.jsonl")
+    (broken / "valid" / "shop_a.jsonl").write_text("")
+    with pytest.raises(ExperimentError) as info:
+        _logs_config(tmp_path, broken)
+    assert f"missing split file {broken}/test/shop_c.jsonl (the test split of shop/c)" in str(info.value)
+    assert f"empty split file {broken}/valid/shop_a.jsonl (the valid split of shop/a)" in str(info.value)
+    for flags, message in ((["--dose-levels", "0.5"], "--dose-levels: the dose-response needs the synthetic generator"),
+                           (["--records", "20"], "--records shape the synthetic logs; with --logs"),
+                           (["--target", "shop/nope"], "unknown domain 'shop/nope'")):
+        proc = subprocess.run([sys.executable, TOOL, "--quick", "--logs", str(log_folder), "--sft-records", "30",
+                               *flags, "--dry-run"], capture_output=True, text=True, timeout=60, cwd=REPO, env=_env())
+        assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr)
+
+
+def test_tiny_run_on_a_log_folder_reports_without_ceiling(log_folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "report"
+    code, output = _run_tool(["--quick", "--logs", str(log_folder), "--target", "shop/a", "--ct-domains", "shop/b",
+                              "--seeds", "1", "--ct-iters", "2", "--sft-iters", "2", "--sft-records", "30",
+                              "--curve-sizes", "--arms", "A", "B", "--bootstrap", "20", "--jobs", "2",
+                              "--work", str(work), "--out", str(out)])
+    assert code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["arms"]) == ["A", "B"] and report["dose_response"] == [] and report["truth"] is False
+    assert set(report["ceilings"]) == {"in_domain", "out_of_domain"}
+    assert report["ceilings"]["in_domain"]["tasks"] == ["shop/a/buy"]
+    assert report["ceilings"]["out_of_domain"]["tasks"] == ["shop/d/buy"]
+    for group in report["ceilings"].values():
+        assert all(v is None for v in group["bayes"].values())
+    for arm in report["arms"].values():
+        assert 0 <= arm["groups"]["in_domain"]["auc"]["mean"] <= 1 and arm["groups"]["in_domain"]["kl"]["mean"] is None
+    assert report["logs"]["records"]["test"] == {"shop/a": 16, "shop/d": 16, "shop/b": 16}
+    assert report["logs"]["source"]["name"] == "hand-written shop logs"
+    # The chance row is the test labels' frequency, computed here by hand.
+    test_lines = (log_folder / "test" / "shop_a.jsonl").read_text().splitlines()
+    labels = [json.loads(line)["reward"]["buy"] for line in test_lines]
+    assert report["ceilings"]["in_domain"]["prior"]["accuracy"] == pytest.approx(max(np.mean(labels),
+                                                                                     1 - np.mean(labels)))
+    md = (out / "report.md").read_text()
+    assert "# LTU experiment on hand-written shop logs" in md and "Bayes ceiling (true" not in md
+    assert "no Bayes ceiling and no KL" in md and "Synthetic logs" not in md and "Dose-response" not in md
+    tokenizer = next(r for r in report["runs"] if r["name"] == "main/tokenizer")
+    assert f"{log_folder}/train/shop_b.jsonl" in tokenizer["command"] and "shop_c" not in tokenizer["command"]
+    assert (out / "arms.png").read_bytes()[:4] == b"\x89PNG" and not (out / "dose_response.png").exists()

@@ -4,6 +4,8 @@
     python tools/ltu_experiment.py --quick --out benchmarks/results/ltu_quick --work runs/ltu_quick
     python tools/ltu_experiment.py --full --out runs/ltu_full/report --work runs/ltu_full   # GPU machine
     python tools/ltu_experiment.py --quick --dry-run            # list every run's command, run nothing
+    python tools/ltu_experiment.py --quick --logs runs/movielens/logs --target movielens/drama \
+        --ood movielens/horror --ct-domains movielens/comedy movielens/romance --work runs/ltu_movielens
 
 Arms, each from one base checkpoint with the same SFT budget and settings: A SFT only; B LTU (CT on
 the SAR logs of other domains, then SFT); C control (CT on the same logs with rewards shuffled across
@@ -13,6 +15,13 @@ all) and a dose-response (B - A as the domains share less structure). Every run 
 tools/pretrain.py, tools/evaluate.py or data-tool command with its own output directory; report.md
 lists them all. Completed runs are reused when the same command is planned again. Writes report.md,
 report.json and plots (arms, differences, data efficiency, dose-response) under --out.
+
+--logs DIR runs the same plan on SAR logs already written in the layout <DIR>/<split>/<domain>.jsonl
+with DIR/manifest.json (tools/make_movielens_logs.py, tools/make_obd_logs.py, make_synthetic_logs.py):
+--target, --ood and --ct-domains default to the manifest's choices (its first out-of-domain domain
+held out, its in-domain domain with the most training records as the target, the others for CT). The
+dose-response needs the synthetic generator and is off; without true reward distributions (real logs)
+the report has no Bayes ceiling and no KL.
 
 The data steps it runs are also subcommands, to rerun by hand:
 
@@ -52,7 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for report.md, report.json and plots "
                    "(default: <work>/report)")
     p.add_argument("--work", default=None, help="folder for logs, datasets, checkpoints, evaluations and job "
-                   "records (default: runs/ltu_quick or runs/ltu_full)")
+                   "records (default: runs/ltu_quick or runs/ltu_full, with --logs DIR runs/ltu_quick_<DIR's name>)")
+    p.add_argument("--logs", default=None, metavar="DIR", help="SAR logs with a manifest.json to run on instead of "
+                   "synthetic logs (e.g. written by make_movielens_logs.py or make_obd_logs.py)")
+    p.add_argument("--target", default=None, help="the domain SFT trains on and in-domain metrics score "
+                   "(default: ads/ctr; with --logs, the manifest's in-domain domain with the most training records)")
+    p.add_argument("--ood", default=None, help="the held-out domain, never trained on (default: shop/purchase; "
+                   "with --logs, the manifest's first out-of-domain domain)")
+    p.add_argument("--ct-domains", nargs="+", default=None, metavar="DOMAIN",
+                   help="domains whose training logs CT reads (default: ads/cpc ads/impressions feed/session; "
+                   "with --logs, the manifest's other in-domain domains)")
     p.add_argument("--seeds", type=int_at_least(0), nargs="+", default=None, help="training seeds (data order)")
     p.add_argument("--records", type=positive_int, default=None, help="training records per domain")
     p.add_argument("--valid-records", type=positive_int, default=None, help="validation records per domain")
@@ -61,14 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-iters", type=positive_int, default=None, help="CT optimizer steps")
     p.add_argument("--sft-iters", type=positive_int, default=None, help="SFT optimizer steps (every arm)")
     p.add_argument("--ct-seq-length", type=positive_int, default=None, help="tokens per CT sample")
+    p.add_argument("--sft-seq-length", type=positive_int, default=None,
+                   help="tokens per SFT sample (at least the longest record's)")
     p.add_argument("--ct-batch", type=positive_int, default=None, help="CT samples per step (one microbatch)")
     p.add_argument("--ct-lr", type=_floats, default=None, help="CT peak learning rate (cosine to a tenth)")
     p.add_argument("--sft-lr", type=_floats, default=None, help="SFT peak learning rate (cosine to a tenth)")
     p.add_argument("--curve-sizes", type=positive_int, nargs="*", default=None,
-                   help="SFT records of the data-efficiency curve (none: no curve)")
+                   help="SFT records of the data-efficiency curve (none: no curve; with --logs the setting's "
+                   "sizes up to the target's training records)")
     p.add_argument("--curve-seeds", type=int_at_least(0), default=None, help="how many seeds run the curve")
     p.add_argument("--dose-levels", type=_floats, nargs="*", default=None,
-                   help="shared-structure levels of the dose-response besides the main world (none: no dose-response)")
+                   help="shared-structure levels of the dose-response besides the main world (none: no dose-response; "
+                   "synthetic logs only)")
     p.add_argument("--dose-seeds", type=int_at_least(0), default=None, help="how many seeds run the dose-response")
     p.add_argument("--shared-structure", type=_floats, default=None, help="the main world's shared structure")
     p.add_argument("--text-shares", type=_floats, nargs="+", default=None,
@@ -106,11 +128,43 @@ def _model_fields(pairs: list[str]) -> dict:
     return model
 
 
+def _log_folder_fields(args: argparse.Namespace, fields: dict) -> None:
+    """What --logs changes: the domains (given or the manifest's), no dose-response, the curve's sizes
+    up to the target's training records; flags that shape synthetic logs are refused."""
+    from engine.eval.experiment import ExperimentError
+    from engine.eval.experiment_data import ExperimentDataError, LogFolder
+
+    synthetic_only = [flag for flag, value in (("--records", args.records), ("--valid-records", args.valid_records),
+                                               ("--test-records", args.test_records),
+                                               ("--shared-structure", args.shared_structure)) if value is not None]
+    if synthetic_only:
+        raise ExperimentError(f"{', '.join(synthetic_only)} shape the synthetic logs; with --logs the folder's split "
+                              "files are the data")
+    if args.dose_levels:
+        raise ExperimentError("--dose-levels: the dose-response needs the synthetic generator (its shared-structure "
+                              "knob) and cannot run on --logs")
+    fields.update(logs=args.logs, dose_levels=(), dose_seeds=0)
+    try:
+        folder = LogFolder.read(args.logs)
+        target, ood, ct = folder.choose_domains(args.target, args.ood, args.ct_domains and tuple(args.ct_domains))
+        fields.update(target=target, ood=ood, ct_domains=ct)
+        if args.curve_sizes is None and not folder.problems({"train": [target]}):
+            available = folder.records("train", target)
+            fields["curve_sizes"] = tuple(n for n in fields["curve_sizes"] if n <= available)
+    except ExperimentDataError as exc:
+        raise ExperimentError(str(exc)) from None
+
+
 def experiment_config(args: argparse.Namespace):
     from engine.eval.experiment import ExperimentConfig, preset
 
     name = "full" if args.full else "quick"
     fields = preset(name)
+    if args.logs is not None:
+        _log_folder_fields(args, fields)
+    else:
+        fields.update({k: v for k, v in (("target", args.target), ("ood", args.ood),
+                                         ("ct_domains", args.ct_domains and tuple(args.ct_domains))) if v})
     overrides = {"seeds": args.seeds and tuple(args.seeds), "records_per_domain": args.records,
                  "sft_records": args.sft_records, "curve_seeds": args.curve_seeds, "dose_seeds": args.dose_seeds,
                  "shared_structure": args.shared_structure, "eval_split": args.eval_split, "base": args.base,
@@ -119,7 +173,7 @@ def experiment_config(args: argparse.Namespace):
     fields.update({k: v for k, v in overrides.items() if v is not None})
     for key, value in (("curve_sizes", args.curve_sizes), ("dose_levels", args.dose_levels),
                        ("text_shares", args.text_shares)):
-        if value is not None:
+        if value is not None and not (key == "dose_levels" and args.logs):
             fields[key] = tuple(value)
     if args.bootstrap is not None:
         fields["eval_bootstrap"] = min(args.bootstrap, fields.get("eval_bootstrap", 200))
@@ -131,6 +185,8 @@ def experiment_config(args: argparse.Namespace):
         changes = {}
         if stage == "ct" and args.ct_seq_length is not None:
             changes["seq_length"] = args.ct_seq_length
+        if stage == "sft" and args.sft_seq_length is not None:
+            changes["seq_length"] = args.sft_seq_length
         if stage == "ct" and args.ct_batch is not None:
             changes.update(global_batch_size=args.ct_batch, micro_batch_size=args.ct_batch)
         if iters is not None:
@@ -145,7 +201,8 @@ def experiment_config(args: argparse.Namespace):
         fields["model"] = _model_fields(args.model)
     if args.launcher is not None:
         fields["launcher"] = tuple(shlex.split(args.launcher))
-    fields["work"] = args.work or os.path.join("runs", f"ltu_{name}")
+    logs_name = f"_{os.path.basename(os.path.normpath(args.logs))}" if args.logs else ""
+    fields["work"] = args.work or os.path.join("runs", f"ltu_{name}{logs_name}")
     fields["out"] = args.out or os.path.join(fields["work"], "report")
     return ExperimentConfig(setting=name, **fields)
 

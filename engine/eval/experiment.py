@@ -23,6 +23,11 @@ share less structure (``shared_structure``). Every run is an ordinary command (`
 ``tools/evaluate.py``, the data tools) with its own output directory, listed in the report, so any
 cell can be rerun by hand. Completed runs are recorded under ``<work>/jobs`` and reused when the
 same command is planned again.
+
+With ``logs`` set, the same plan runs on a SAR log folder already written (``<dir>/<split>/<domain>.jsonl``
+and ``manifest.json``: MovieLens-100k, the Open Bandit Dataset, a user's own logs) instead of synthetic
+logs: the target, held-out and CT domains are that folder's, the tokenizer trains on their training
+split, and the dose-response, which needs the synthetic generator, is refused.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.data.synthetic import DOMAIN_REWARDS, check_shared_structure, domain_slug
+from engine.eval.experiment_data import ExperimentDataError, LogFolder
 from engine.fileio import write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,16 +110,33 @@ class ExperimentConfig:
     jobs: int = 2
     threads_per_job: int | None = 1
     launcher: tuple[str, ...] = ("python",)   # how pretrain.py / evaluate.py start (e.g. torchrun ...)
+    logs: str | None = None                    # a SAR log folder (with manifest.json) instead of synthetic logs
 
     def __post_init__(self):
         self.validate()
 
+    def log_folder(self) -> LogFolder | None:
+        """The given log folder's manifest (None: synthetic logs)."""
+        return None if self.logs is None else LogFolder.read(self.logs)
+
     def validate(self) -> None:
         errors = []
-        domains = set(DOMAIN_REWARDS)
-        for name in (self.target, self.ood, *self.ct_domains):
-            if name not in domains:
-                errors.append(f"unknown synthetic domain {name!r} (known: {', '.join(DOMAIN_REWARDS)})")
+        try:
+            folder = self.log_folder()
+        except ExperimentDataError as exc:
+            raise ExperimentError(f"invalid experiment settings:\n  {exc}") from None
+        available = self.records_per_domain  # training records of the target
+        if folder is None:
+            for name in (self.target, self.ood, *self.ct_domains):
+                if name not in DOMAIN_REWARDS:
+                    errors.append(f"unknown synthetic domain {name!r} (known: {', '.join(DOMAIN_REWARDS)})")
+        else:
+            problems, available = folder.experiment_problems(self.target, self.ood, self.ct_domains, self.eval_split)
+            errors += problems
+            if self.dose_levels:
+                errors.append(f"the dose-response (dose_levels {list(self.dose_levels)}) needs the synthetic "
+                              "generator's shared-structure knob, which logs from a folder do not have; leave "
+                              "dose_levels empty")
         if self.target == self.ood or self.ood in self.ct_domains:
             errors.append(f"the held-out domain {self.ood} must be neither the target nor a CT domain")
         if self.target in self.ct_domains:
@@ -131,9 +154,11 @@ class ExperimentConfig:
         if self.bootstrap < 2 or self.eval_bootstrap < 2:
             errors.append(f"bootstrap and eval_bootstrap must be at least 2, got {self.bootstrap} and "
                           f"{self.eval_bootstrap}")
-        too_big = [n for n in (self.sft_records, *self.curve_sizes) if not 1 <= n <= self.records_per_domain]
-        if too_big:
-            errors.append(f"SFT sizes {too_big} must be between 1 and records_per_domain ({self.records_per_domain})")
+        too_big = [n for n in (self.sft_records, *self.curve_sizes) if not 1 <= n <= available]
+        if too_big and (folder is None or available):  # (an unreadable target file is reported above)
+            bound = f"records_per_domain ({available})" if folder is None else \
+                f"the {available} training records of the target {self.target}"
+            errors.append(f"SFT sizes {too_big} must be between 1 and {bound}")
         for level in (self.shared_structure, *self.dose_levels):
             try:
                 check_shared_structure(level)
@@ -209,11 +234,14 @@ class PlanBuilder:
         self.cfg = cfg
         self.jobs: dict[str, Job] = {}
         self.work = _display_path(cfg.work)
+        self.folder = cfg.log_folder()
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.work, *parts)
 
-    def add(self, name: str, argv: list[str], deps: list[str], outputs: list[str], out_dir: str, **info) -> str:
+    def add(self, name: str, argv: list[str], deps: list[str | None], outputs: list[str], out_dir: str,
+            **info) -> str:
+        deps = [d for d in deps if d is not None]  # None: nothing to wait for (e.g. logs given as a folder)
         if name in self.jobs:
             raise ExperimentError(f"job {name} planned twice")
         missing = [d for d in deps if d not in self.jobs]
@@ -223,8 +251,10 @@ class PlanBuilder:
         return name
 
     # --------------------------------------------------------------------------- data
-    def logs(self, level: float, tag: str) -> tuple[str, str]:
+    def logs(self, level: float, tag: str) -> tuple[str | None, str]:
         cfg = self.cfg
+        if self.folder is not None:
+            return None, _display_path(self.folder.path)
         out = self.path(tag, "logs")
         domains = sorted({cfg.target, cfg.ood, *cfg.ct_domains}, key=list(DOMAIN_REWARDS).index)
         argv = ["python", "tools/make_synthetic_logs.py", "--output-dir", out, "--seed", str(cfg.logs_seed),
@@ -234,6 +264,8 @@ class PlanBuilder:
         return self.add(f"{tag}/logs", argv, [], [os.path.join(out, "manifest.json")], out, kind="data"), out
 
     def log_file(self, logs: str, split: str, domain: str) -> str:
+        if self.folder is not None:
+            return _display_path(self.folder.file(split, domain))
         return os.path.join(logs, split, domain_slug(domain) + ".jsonl")
 
     def preprocess(self, name: str, inputs: list[str], prefix: str, deps: list[str], bins: str | None) -> str:
@@ -253,7 +285,10 @@ class PlanBuilder:
             self.tokenizer_job = None
             if cfg.tokenizer is None:
                 self.tokenizer = os.path.join(data, "tokenizer.model")
-                argv = ["python", "tools/train_tokenizer.py", "--input", os.path.join(logs, "train"),
+                # The training split of the domains the experiment reads (all a synthetic world has).
+                inputs = [os.path.join(logs, "train")] if self.folder is None else \
+                    [self.log_file(logs, "train", d) for d in dict.fromkeys([cfg.target, cfg.ood, *cfg.ct_domains])]
+                argv = ["python", "tools/train_tokenizer.py", "--input", *inputs,
                         "--model-prefix", os.path.join(data, "tokenizer"), "--vocab-size", str(cfg.vocab_size)]
                 self.tokenizer_job = self.add("main/tokenizer", argv, [logs_job], [self.tokenizer], data, kind="data")
             else:

@@ -13,13 +13,18 @@
   appended), an all-zero ``<prefix>_reward_mask.bin/.idx`` (no reward tokens) and
   ``<prefix>.meta.json`` with the tokenizer and counts. ``preprocess_data.py`` reads SAR logs only.
 - :func:`write_subset` keeps the first ``n`` lines of a log (synthetic records are independent
-  draws, so the first n are a random sample of n).
+  draws, and the MovieLens and OBD tools shuffle each file, so the first n are a random sample of n).
+- :class:`LogFolder` reads a SAR log folder's ``manifest.json`` (the layout ``<dir>/<split>/<domain>.jsonl``
+  that ``make_synthetic_logs.py``, ``make_movielens_logs.py`` and ``make_obd_logs.py`` write): its
+  domains, which are in- and out-of-domain, its split files, whether it carries the true reward
+  distributions; :meth:`LogFolder.problems` says what an experiment on it would lack.
 """
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -197,3 +202,119 @@ def write_subset(source: str, target: str, count: int) -> int:
         if kept < count:  # inside the block: nothing is published
             raise ExperimentDataError(f"{source} holds {kept} records, fewer than the {count} asked for")
     return kept
+
+
+# ------------------------------------------------------------------------------------ log folders
+MANIFEST = "manifest.json"
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class LogFolder:
+    """A SAR log folder as its manifest describes it. ``files`` maps split -> domain -> path (the
+    manifest's relative paths joined to ``path``); ``has_truth``: the manifest holds Bayes ceilings,
+    so the records carry their true reward distributions (synthetic logs), else they are real logs."""
+
+    path: str
+    in_domain: tuple[str, ...]
+    out_of_domain: tuple[str, ...]
+    files: dict[str, dict[str, str]]
+    has_truth: bool
+    source: str | None                       # the manifest's source name (e.g. MovieLens-100k)
+    manifest: dict
+
+    @classmethod
+    def read(cls, path: str) -> "LogFolder":
+        manifest_path = os.path.join(path, MANIFEST)
+        what = ("a SAR log folder (<dir>/<split>/<domain>.jsonl and manifest.json, as make_synthetic_logs.py, "
+                "make_movielens_logs.py and make_obd_logs.py write)")
+        try:
+            with open(manifest_path, encoding="utf-8") as fh:
+                manifest = json.load(fh)
+        except FileNotFoundError:
+            raise ExperimentDataError(f"{manifest_path}: not found; --logs takes {what}") from None
+        except json.JSONDecodeError as exc:
+            raise ExperimentDataError(f"{manifest_path}: not JSON: {exc.msg}") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise ExperimentDataError(f"{manifest_path}: no 'files' map (split -> domain -> path); expected {what}")
+        joined = {split: {d: os.path.join(path, rel) for d, rel in by_domain.items()}
+                  for split, by_domain in files.items()}
+        source = manifest.get("source")
+        return cls(path, tuple(manifest.get("in_domain") or ()), tuple(manifest.get("out_of_domain") or ()),
+                   joined, bool(manifest.get("bayes_ceiling")),
+                   source.get("name") if isinstance(source, dict) else None, manifest)
+
+    @property
+    def domains(self) -> list[str]:
+        """Every domain with a file, the manifest's in-domain ones first, then out-of-domain, then the rest."""
+        present = {d for by_domain in self.files.values() for d in by_domain}
+        ordered = [d for d in (*self.in_domain, *self.out_of_domain) if d in present]
+        return ordered + sorted(present - set(ordered))
+
+    def file(self, split: str, domain: str) -> str:
+        try:
+            return self.files[split][domain]
+        except KeyError:
+            raise ExperimentDataError(f"{os.path.join(self.path, MANIFEST)}: no {split} file for domain "
+                                      f"{domain!r}") from None
+
+    def records(self, split: str, domain: str) -> int:
+        """Non-blank lines of a split file."""
+        with open(self.file(split, domain), encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+
+    def choose_domains(self, target: str | None = None, ood: str | None = None,
+                       ct_domains: tuple[str, ...] | None = None) -> tuple[str, str, tuple[str, ...]]:
+        """(target, held-out domain, CT domains), each the given one or the manifest's choice: the
+        held-out domain is its first out-of-domain one; the target its in-domain domain with the most
+        training records (the first of equals); CT the other in-domain domains."""
+        where = os.path.join(self.path, MANIFEST)
+        domains = self.domains
+        taken = {target, ood, *(ct_domains or ())}
+        if ood is None:
+            ood = next((d for d in self.out_of_domain if d in domains and d not in taken), None)
+            if ood is None:
+                raise ExperimentDataError(f"{where} marks no out-of-domain domain to hold out; give --ood")
+        if target is None:
+            inside = [d for d in self.in_domain if d in domains and d not in taken | {ood}]
+            if not inside:
+                raise ExperimentDataError(f"{where} has no other in-domain domain to be the target; give --target")
+            counts = {d: self.records("train", d) if d in self.files.get("train", {}) else 0 for d in inside}
+            target = max(inside, key=lambda d: (counts[d], -inside.index(d)))
+        if ct_domains is None:
+            ct_domains = tuple(d for d in self.in_domain if d in domains and d not in (target, ood))
+            if not ct_domains:
+                raise ExperimentDataError(f"{where} has no in-domain domain besides the target {target} to "
+                                          "continue pre-training on; give --ct-domains")
+        return target, ood, tuple(ct_domains)
+
+    def problems(self, needs: dict[str, list[str]]) -> list[str]:
+        """What is missing for an experiment that reads ``needs`` (split -> domains): unknown domains,
+        split files the manifest lacks or that are missing or empty on disk."""
+        known = self.domains
+        errors = []
+        for domain in dict.fromkeys(d for ds in needs.values() for d in ds):
+            if domain not in known:
+                errors.append(f"unknown domain {domain!r} in {self.path} (known: {', '.join(known)})")
+        for split, domains in needs.items():
+            for domain in dict.fromkeys(d for d in domains if d in known):
+                path = self.files.get(split, {}).get(domain)
+                if path is None:
+                    errors.append(f"{os.path.join(self.path, MANIFEST)} has no {split} file for domain {domain!r}")
+                elif not os.path.isfile(path):
+                    errors.append(f"missing split file {path} (the {split} split of {domain})")
+                elif os.path.getsize(path) == 0:
+                    errors.append(f"empty split file {path} (the {split} split of {domain})")
+        return errors
+
+    def experiment_problems(self, target: str, ood: str, ct_domains: tuple[str, ...],
+                            eval_split: str) -> tuple[list[str], int]:
+        """:meth:`problems` of an experiment (tokenizer, bins and CT read the training split of every
+        domain it names; SFT and CT validation the valid split of the target and CT domains; the
+        evaluations ``eval_split`` of all), and the target's training records (0 when unreadable)."""
+        every = [target, ood, *ct_domains]
+        needs = {"train": every, "valid": [target, *ct_domains]}
+        needs[eval_split] = list(dict.fromkeys(needs.get(eval_split, []) + every))
+        problems = self.problems(needs)
+        return problems, 0 if self.problems({"train": [target]}) else self.records("train", target)

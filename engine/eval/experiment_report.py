@@ -47,7 +47,8 @@ def read_cell(eval_dir: str, cfg: ExperimentConfig) -> dict:
     with open(os.path.join(eval_dir, "eval.json"), encoding="utf-8") as fh:
         report = json.load(fh)
     with open(os.path.join(eval_dir, "predictions.jsonl"), encoding="utf-8") as fh:
-        predictions = [SimpleNamespace(**json.loads(line)) for line in fh if line.strip()]
+        # Predictions of real logs carry no true_probs: their true reward distributions are unknown.
+        predictions = [SimpleNamespace(**{"true_probs": None, **json.loads(line)}) for line in fh if line.strip()]
     tasks = group_tasks(predictions)
     cell = {"groups": {}, "tasks": defaultdict(list), "records_per_s": report.get("records_per_s")}
     for task in tasks:
@@ -171,7 +172,7 @@ def summarize(cfg: ExperimentConfig, jobs: dict[str, Job], results: dict[str, Jo
                                                   cfg, cache)["auc"]
         curve.append(row)
     dose = []
-    for lv in sorted({k[0] for k in cells}):
+    for lv in sorted({k[0] for k in cells}) if cfg.logs is None else ():  # a log folder has one world
         row = {"shared_structure": lv, "groups": {}}
         for group in ("in_domain", "out_of_domain"):
             diff = compare(cells, lv, ("B", n), ("A", n), group, ["auc"], cfg, cache)["auc"]
@@ -182,9 +183,28 @@ def summarize(cfg: ExperimentConfig, jobs: dict[str, Job], results: dict[str, Jo
             "machine": machine_info(), "git_commit": _git_commit(), "wall_s": time.time() - began,
             "settings": cfg.to_dict(), "arms": arms, "ceilings": ceilings, "differences": differences,
             "verdicts": verdicts, "before_sft": before_sft, "curve": curve, "dose_response": dose,
+            "logs": logs_summary(cfg),
+            "truth": any(c["bayes"]["auc"] is not None for c in ceilings.values()),
             "costs": costs(cfg, jobs, results), "runs": run_list(jobs, results),
             "eval_records_per_s": mean_interval([c["records_per_s"] for c in cells.values()
                                                  if c.get("records_per_s")])}
+
+
+def logs_summary(cfg: ExperimentConfig) -> dict | None:
+    """Where the logs came from and what they hold, for the experiment's domains (None: synthetic logs
+    the experiment wrote itself)."""
+    folder = cfg.log_folder()
+    if folder is None:
+        return None
+    manifest = folder.manifest
+    domains = list(dict.fromkeys([cfg.target, cfg.ood, *cfg.ct_domains]))
+    splits = ("train", "valid", "test")
+    rates = next((manifest[k] for k in ("like_rate", "click_rate") if isinstance(manifest.get(k), dict)), None)
+    return {"path": folder.path, "source": manifest.get("source"), "split": manifest.get("split"),
+            "has_truth": folder.has_truth,
+            "records": {s: {d: folder.records(s, d) for d in domains if d in folder.files.get(s, {})} for s in splits},
+            "positive_rate": None if not rates else {s: {d: rates[s].get(d) for d in domains}
+                                                     for s in splits if s in rates}}
 
 
 def before_sft_summary(cells: dict, cfg: ExperimentConfig, cache: dict | None = None) -> dict:
@@ -291,13 +311,44 @@ def _verdict_word(holds: bool | None) -> str:
     return {True: "holds", False: "does not hold", None: "undecided (no interval)"}[holds]
 
 
+def _data_sentence(report: dict) -> str:
+    """Which logs the experiment ran on and how much of them."""
+    s, logs = report["settings"], report.get("logs")
+    if logs is None:
+        return (f"Synthetic logs (`engine/data/synthetic.py`, seed {s['logs_seed']}, shared structure "
+                f"{s['shared_structure']:g}): {s['records_per_domain']} training, {s['valid_per_domain']} validation "
+                f"and {s['test_per_domain']} test records per domain.")
+    source = logs.get("source") or {}
+    rates = logs.get("positive_rate") or {}
+
+    def counts(domain: str) -> str:
+        parts = []
+        for split in ("train", "valid", "test"):
+            n = logs["records"].get(split, {}).get(domain)
+            rate = rates.get(split, {}).get(domain)
+            parts.append(f"{'-' if n is None else n}" + ("" if rate is None else f" ({rate:.1%} positive)"))
+        return " / ".join(parts)
+
+    domains = list(dict.fromkeys([s["target"], s["ood"], *s["ct_domains"]]))
+    rule = (logs.get("split") or {}).get("rule")
+    text = (f"Logs read from `{logs['path']}`" + (f" ({source['name']})" if source.get("name") else "") +
+            (f"; split by time ({rule})" if rule else "") + ". Records train / valid / test: " +
+            "; ".join(f"`{d}` {counts(d)}" for d in domains) + ".")
+    if not report.get("truth"):
+        text += (" These are real logs: their true reward distributions are unknown, so this report has no Bayes "
+                 "ceiling and no KL to the truth; chance is predicting the label frequencies.")
+    return text
+
+
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
     s, m = report["settings"], report["machine"]
     groups = [g for g in GROUPS if g in report["ceilings"]]
     costs = report["costs"]
     base = f"given: {s['base']}" if s["base"] else \
         f"a fresh model {json.dumps(s['model'])}, initialised once with seed {s['base_seed']}"
-    lines = [f"# LTU experiment ({s['setting']} setting)", "",
+    logs = report.get("logs")
+    title = "" if logs is None else f" on {(logs.get('source') or {}).get('name') or logs['path']}"
+    lines = [f"# LTU experiment{title} ({s['setting']} setting)", "",
              f"- date: {report['date']}; wall time {report['wall_s'] / 60:.1f} min for {costs['runs_executed']} runs "
              f"({s['jobs']} at a time" + (f"; {costs['runs_reused']} more reused from an earlier invocation"
                                           if costs["runs_reused"] else "") +
@@ -306,10 +357,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
              f"torch {m['torch']}, GPU {m['cuda'] or 'none'}; load average at the end "
              f"{m.get('load_average', '-')}",
              f"- command: `{report['command']}`", f"- commit: {report['git_commit'] or 'unknown'}", "",
-             "## Setup", "",
-             f"Synthetic logs (`engine/data/synthetic.py`, seed {s['logs_seed']}, shared structure "
-             f"{s['shared_structure']:g}): {s['records_per_domain']} training, {s['valid_per_domain']} validation and "
-             f"{s['test_per_domain']} test records per domain. Target `{s['target']}`; held-out domain `{s['ood']}` "
+             "## Setup", "", _data_sentence(report),
+             f"Target `{s['target']}`; held-out domain `{s['ood']}` "
              f"(never trained on); CT reads the training logs of {', '.join(f'`{d}`' for d in s['ct_domains'])}"
              + (" and the target's" if s["ct_includes_target"] else
                 " but not the target's: B's gain is transfer from other domains, and the SFT set is the only "
@@ -331,10 +380,11 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         cells = [_ci(arm["groups"][g]["auc"]) for g in groups]
         lines.append(f"| {label}: {arm['name']} | " + " | ".join(cells) + f" | "
                      f"{_ci(arm['groups']['in_domain']['log_loss'])} | {_ci(arm['groups']['in_domain']['accuracy'])} |")
-    lines.append("| Bayes ceiling (true probabilities) | " + " | ".join(
-        _f(report["ceilings"][g]["bayes"]["auc"]) for g in groups) +
-        f" | {_f(report['ceilings']['in_domain']['bayes']['log_loss'])} | "
-        f"{_f(report['ceilings']['in_domain']['bayes']['accuracy'])} |")
+    if report.get("truth", True):
+        lines.append("| Bayes ceiling (true probabilities) | " + " | ".join(
+            _f(report["ceilings"][g]["bayes"]["auc"]) for g in groups) +
+            f" | {_f(report['ceilings']['in_domain']['bayes']['log_loss'])} | "
+            f"{_f(report['ceilings']['in_domain']['bayes']['accuracy'])} |")
     lines.append("| chance (label frequencies) | " + " | ".join("0.500" for _ in groups) +
                  f" | {_f(report['ceilings']['in_domain']['prior']['log_loss'])} | "
                  f"{_f(report['ceilings']['in_domain']['prior']['accuracy'])} |")
@@ -346,6 +396,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             f"{_ci(diff[g]['auc']['seeds'], signed=True)} / "
             f"{_ci(diff[g]['auc'].get('records'), signed=True)}" for g in groups) + " |")
     lines += ["", "## What must hold", "",
+              ("" if report.get("logs") is None else "The synthetic benchmark's test, here on these logs: ") +
               "LTU (B) beats SFT only (A), the shuffled-reward control (C) and compute-matched SFT (D) in AUC, "
               "in-domain and out-of-domain: the paired difference's interval over test records, and with two or "
               "more seeds its interval over seeds, lie above 0.", ""]
@@ -354,20 +405,26 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                      f"(seeds {_ci({'mean': v['mean'], 'ci': v['seed_ci']}, signed=True)}, records "
                      f"{_ci({'mean': v['mean'], 'ci': v['record_ci']}, signed=True)}): **{_verdict_word(v['holds'])}**")
     if report.get("before_sft"):
+        truth = report.get("truth", True)
+        zero_shot = [g for g in ("in_domain", "out_of_domain", "multi_step")
+                     if any(g in entry["groups"] for entry in report["before_sft"].values())]
         lines += ["", "## What CT alone learned (CT checkpoints scored before SFT)", "",
                   "AUC on the evaluation domains (zero-shot for the target and the held-out domain), log-loss on "
-                  f"the CT domains' own {s['eval_split']} records against predicting the label frequencies (prior) "
-                  "and the Bayes ceiling; then what SFT changed (after minus before, paired).", "",
-                  "| CT of | in-domain AUC | out-of-domain AUC | multi-step AUC | CT-domain log-loss (prior / Bayes) "
-                  "| SFT effect, in-domain AUC | SFT effect, out-of-domain AUC |", "|---|---|---|---|---|---|---|"]
+                  f"the CT domains' own {s['eval_split']} records against predicting the label frequencies (prior)"
+                  + (" and the Bayes ceiling" if truth else "") + "; then what SFT changed (after minus before, "
+                  "paired).", "",
+                  "| CT of | " + " | ".join(f"{GROUP_TITLES[g]} AUC" for g in zero_shot) + " | CT-domain log-loss "
+                  + ("(prior / Bayes)" if truth else "(prior)") +
+                  " | SFT effect, in-domain AUC | SFT effect, out-of-domain AUC |", "|" + "---|" * (len(zero_shot) + 4)]
         for label, entry in report["before_sft"].items():
             g = entry["groups"]
             effect = entry["sft_effect"]
             ct_loss = g.get("ct_domains", {}).get("log_loss")
-            auc = [_ci(g.get(group, {}).get("auc")) for group in ("in_domain", "out_of_domain", "multi_step")]
+            auc = [_ci(g.get(group, {}).get("auc")) for group in zero_shot]
             prior, bayes = entry["prior_log_loss"].get("ct_domains"), entry["bayes_log_loss"].get("ct_domains")
             lines.append(
-                f"| {label} | {' | '.join(auc)} | {_ci(ct_loss)} ({_f(prior)} / {_f(bayes)}) | "
+                f"| {label} | {' | '.join(auc)} | {_ci(ct_loss)} ({_f(prior)}" + (f" / {_f(bayes)}" if truth else "") +
+                ") | "
                 f"{_ci(effect.get('in_domain', {}).get('seeds'), signed=True)} | "
                 f"{_ci(effect.get('out_of_domain', {}).get('seeds'), signed=True)} |")
     if report["curve"]:
