@@ -148,6 +148,7 @@ def test_tool_writes_the_layout_and_exits_by_status(tmp_path):
                            "--valid-fraction", "0.6", "--test-fraction", "0.5"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2 and "valid_fraction + test_fraction must be below 1" in proc.stderr
-    proc = subprocess.run([sys.executable, TOOL, "--source", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "x")],
+    proc = subprocess.run([sys.executable, TOOL, "--source", str(tmp_path / "nope"), "--output-dir",
+                           str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and "nope: not a folder" in proc.stderr
