@@ -534,9 +534,11 @@ def test_logs_settings_that_cannot_work_are_refused_by_name(tmp_path, log_folder
 
 def test_tiny_run_on_a_log_folder_reports_without_ceiling(log_folder, tmp_path):
     work, out = tmp_path / "work", tmp_path / "report"
+    (tmp_path / "notes.md").write_text("The arms are **indistinguishable** here.\n")
     code, output = _run_tool(["--quick", "--logs", str(log_folder), "--target", "shop/a", "--ct-domains", "shop/b",
                               "--seeds", "1", "--ct-iters", "2", "--sft-iters", "2", "--sft-records", "30",
-                              "--curve-sizes", "--arms", "A", "B", "--bootstrap", "20", "--jobs", "2",
+                              "--sft-batch", "4", "--sft-seq-length", "40", "--curve-sizes", "--arms", "A", "B",
+                              "--bootstrap", "20", "--jobs", "2", "--notes", str(tmp_path / "notes.md"),
                               "--work", str(work), "--out", str(out)])
     assert code == 0, output
     report = json.loads((out / "report.json").read_text())
@@ -558,6 +560,10 @@ def test_tiny_run_on_a_log_folder_reports_without_ceiling(log_folder, tmp_path):
     md = (out / "report.md").read_text()
     assert "# LTU experiment on hand-written shop logs" in md and "Bayes ceiling (true" not in md
     assert "no Bayes ceiling and no KL" in md and "Synthetic logs" not in md and "Dose-response" not in md
+    assert "## What the numbers show\n\nThe arms are **indistinguishable** here.\n" in md
+    assert report["notes"] == "The arms are **indistinguishable** here."
+    sft = next(r for r in report["runs"] if r["name"] == "main/seed1/sft_A_n30")["command"]
+    assert "--train.global_batch_size 4 --train.micro_batch_size 4" in sft and "--data.seq_length 40 " in sft
     tokenizer = next(r for r in report["runs"] if r["name"] == "main/tokenizer")
     assert f"{log_folder}/train/shop_b.jsonl" in tokenizer["command"] and "shop_c" not in tokenizer["command"]
     assert (out / "arms.png").read_bytes()[:4] == b"\x89PNG" and not (out / "dose_response.png").exists()

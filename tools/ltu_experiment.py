@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-seq-length", type=positive_int, default=None,
                    help="tokens per SFT sample (at least the longest record's)")
     p.add_argument("--ct-batch", type=positive_int, default=None, help="CT samples per step (one microbatch)")
+    p.add_argument("--sft-batch", type=positive_int, default=None,
+                   help="SFT records per step (one microbatch; every arm)")
     p.add_argument("--ct-lr", type=_floats, default=None, help="CT peak learning rate (cosine to a tenth)")
     p.add_argument("--sft-lr", type=_floats, default=None, help="SFT peak learning rate (cosine to a tenth)")
     p.add_argument("--curve-sizes", type=positive_int, nargs="*", default=None,
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default=None, help="how training and evaluation start, e.g. "
                    "'torchrun --nproc_per_node 8' (default: python)")
     p.add_argument("--bootstrap", type=int_at_least(2), default=None, help="bootstrap resamples per interval")
+    p.add_argument("--notes", default=None, metavar="FILE", help="a Markdown file the report shows under "
+                   "'What the numbers show' (a reading of the results, written once they are in)")
     p.add_argument("--dry-run", action="store_true", help="print every run's command and output, run nothing")
     return p
 
@@ -187,8 +191,9 @@ def experiment_config(args: argparse.Namespace):
             changes["seq_length"] = args.ct_seq_length
         if stage == "sft" and args.sft_seq_length is not None:
             changes["seq_length"] = args.sft_seq_length
-        if stage == "ct" and args.ct_batch is not None:
-            changes.update(global_batch_size=args.ct_batch, micro_batch_size=args.ct_batch)
+        batch = args.ct_batch if stage == "ct" else args.sft_batch
+        if batch is not None:
+            changes.update(global_batch_size=batch, micro_batch_size=batch)
         if iters is not None:
             changes["iters"] = iters
         if lr is not None:
@@ -225,8 +230,12 @@ def run_main(argv: list[str]) -> int:
 
     command = " ".join(shlex.quote(a) for a in ["python", "tools/ltu_experiment.py", *argv])
     try:
+        notes = None
+        if args.notes is not None:
+            with open(args.notes, encoding="utf-8") as fh:
+                notes = fh.read()
         with signals_raise_interrupted():
-            report = run_experiment(cfg, command)
+            report = run_experiment(cfg, command, notes=notes)
     except Interrupted as exc:
         print(f"{PROG}: interrupted by {exc.signal_name}; completed runs are kept under {cfg.work}", file=sys.stderr)
         return exc.exit_status

@@ -372,7 +372,10 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
              f"steps. Metrics on the {s['eval_split']} split.", "",
              "Intervals: `seeds` is the 95% t interval over training seeds (differences taken seed by seed); "
              "`records` the 95% paired bootstrap over test records (the same resample for both arms and every "
-             "seed).", "", "## Arms", ""]
+             "seed).", ""]
+    if report.get("notes"):
+        lines += ["## What the numbers show", "", report["notes"], ""]
+    lines += ["## Arms", ""]
     head = "| arm | " + " | ".join(f"{GROUP_TITLES[g]} AUC" for g in groups) + \
         " | in-domain log-loss | in-domain accuracy |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -478,9 +481,9 @@ def write_report(out: str, report: dict) -> dict[str, str]:
     return {"report.json": os.path.join(out, "report.json"), "report.md": os.path.join(out, "report.md"), **plots}
 
 
-def run_experiment(cfg: ExperimentConfig, command: str, log=print) -> dict:
+def run_experiment(cfg: ExperimentConfig, command: str, log=print, notes: str | None = None) -> dict:
     """Plan, run (reusing completed runs), summarize and write the report; returns report.json's dict
-    with the written paths under ``"written"``."""
+    with the written paths under ``"written"``; ``notes`` (Markdown) is shown under "What the numbers show"."""
     from engine.eval.experiment import Runner, build_plan
 
     began = time.time()
@@ -489,5 +492,7 @@ def run_experiment(cfg: ExperimentConfig, command: str, log=print) -> dict:
         f"report under {cfg.out}")
     results = Runner(jobs, cfg.work, cfg.jobs, cfg.threads_per_job, log).run()
     report = summarize(cfg, jobs, results, began, command)
+    if notes is not None:
+        report["notes"] = notes.strip()
     written = write_report(cfg.out, report)
     return {**report, "written": written}
