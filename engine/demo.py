@@ -69,9 +69,11 @@ class DemoConfig:
     ct_iters: int = 1000
     ct_batch_size: int = 8             # CT samples per step (ct_batch_size / micro_batch_size microbatches)
     ct_lr: float = 3e-3
-    sft_iters: int = 300
+    # SFT: about one epoch of the SFT records, as tools/ltu_experiment.py's quick setting (chosen on
+    # the validation split there: several epochs overfit and undo what CT learned).
+    sft_iters: int = 30
     sft_batch_size: int = 16           # records per SFT step, one microbatch
-    sft_lr: float = 1e-3
+    sft_lr: float = 3e-4
     model: dict = field(default_factory=lambda: {"preset": "tiny"})  # pretrain.py --model.KEY VALUE
     base_seed: int = 1234              # the base model's initial weights
     train_seed: int = 1                # the CT and SFT data order
