@@ -187,6 +187,26 @@ def test_import_dtype_cast_and_tokenizer_dir_option(hf_dirs, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").exists() and not (tmp_path / "out" / "tokenizer.model").exists()
 
 
+def test_exported_sentencepiece_tokenizer_loads_in_transformers_and_encodes_as_the_engine(hf_dirs, tmp_path):
+    from transformers import AutoTokenizer
+
+    from engine.data.tokenizer import Tokenizer, train_tokenizer
+
+    pytest.importorskip("google.protobuf")
+    lines = [f"<|domain|>ads/ctr<|state|>user_age={20 + i % 40}; user_region=r{i % 7}<|action|>item_brand=brand{i % 20:02d}"
+             f"<|reward|>click=<|r{i % 2}|>" for i in range(400)]
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    train_tokenizer(lines, str(tok / "tokenizer.model"), vocab_size=400)
+    sharded.import_hf(hf_dirs["gqa"], tmp_path / "ck", tp=1, pp=1, progress=False)
+    sharded.export_hf(tmp_path / "ck", tmp_path / "out", tokenizer_dir=tok, progress=False)
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    engine_tok = Tokenizer(str(tok / "tokenizer.model"))
+    for line in lines[:20] + ["user_age=99; brand77 unseen words"]:
+        assert hf_tok.encode(line) == engine_tok.encode(line), line
+
+
 def test_import_and_export_handle_column_and_vocabulary_shards_alone(hf_dirs, tmp_path, monkeypatch):
     """Peak memory near one shard: dimension-0 slices are read from the file without the whole tensor
     (row-parallel tensors, at most an MLP matrix, are read whole and sliced)."""

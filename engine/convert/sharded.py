@@ -119,6 +119,20 @@ def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
     return copied
 
 
+def sentencepiece_tokenizer_config(model_file: Path, config) -> dict:
+    """``tokenizer_config.json`` for a bare SentencePiece model, so that ``AutoTokenizer`` loads it
+    and encodes text exactly as the engine does: no BOS or EOS added (the engine's SAR data carries
+    neither), no space put in front of the text, and the model's own special pieces."""
+    from engine.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(str(model_file))
+    piece = lambda i: None if i is None else tokenizer.id_to_piece(i)  # noqa: E731
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+            "add_prefix_space": False, "legacy": False, "bos_token": piece(tokenizer.bos_id),
+            "eos_token": piece(tokenizer.eos_id), "unk_token": piece(tokenizer.unk_id),
+            "pad_token": piece(tokenizer.pad_id), "model_max_length": config.max_position_embeddings}
+
+
 # ------------------------------------------------------------------------------------------ import
 def import_hf(hf_dir: str | os.PathLike, save_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
               dtype: str | torch.dtype | None = None, progress: bool = True, force: bool = False) -> Path:
@@ -249,7 +263,10 @@ def export_hf(load: str | os.PathLike, hf_dir: str | os.PathLike, iteration: int
                               {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map})
         sources = [Path(tokenizer_dir)] if tokenizer_dir is not None else \
             [ckpt.path, ckpt.root / TOKENIZER_SUBDIR, ckpt.root]
-        _copy_side_files(sources, staging)
+        copied = _copy_side_files(sources, staging)
+        if "tokenizer.model" in copied and "tokenizer_config.json" not in copied:
+            write_json_atomic(staging / "tokenizer_config.json",
+                              sentencepiece_tokenizer_config(staging / "tokenizer.model", ckpt.config))
         replace_dir(staging, dest)
     except BaseException:
         _abandon(staging, created)
