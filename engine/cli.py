@@ -1,4 +1,4 @@
-"""Command-line pieces shared by the tools: one help format and one integer-range argument type.
+"""Command-line pieces shared by the tools: one help format and the range-checked argument types.
 
 Conventions of every tool: argparse's exit status 2 for a bad command line, 1 for work that failed
 (one line ``<tool>: error: ...`` on stderr), 0 for success.
@@ -32,3 +32,14 @@ def int_at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(message)
         return value
     return parse
+
+
+def split_fraction(text: str) -> float:
+    """An argparse ``type``: a share in [0, 1) (a validation or test fraction, a minimum share)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value

@@ -17,21 +17,11 @@ import argparse
 import os
 import sys
 
-from engine.cli import HelpFormatter, int_at_least
+from engine.cli import HelpFormatter, int_at_least, split_fraction
 from engine.data.movielens import (GENRE_SLUGS, OTHER, MovieLensConfig, format_logs_summary, load, write_logs)
 
 PROG = os.path.basename(__file__)
 DEFAULTS = MovieLensConfig()
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood-genres", nargs="*", default=list(DEFAULTS.ood_genres), metavar="GENRE",
                    help="genres marked out-of-domain in the manifest, held out of continued pre-training "
                    f"(choices: {', '.join(GENRE_SLUGS + (OTHER,))}; none: give the flag alone)")
-    p.add_argument("--valid-fraction", type=fraction, default=DEFAULTS.valid_fraction,
+    p.add_argument("--valid-fraction", type=split_fraction, default=DEFAULTS.valid_fraction,
                    help="share of the ratings, by time, in the valid split (before the test split)")
-    p.add_argument("--test-fraction", type=fraction, default=DEFAULTS.test_fraction,
+    p.add_argument("--test-fraction", type=split_fraction, default=DEFAULTS.test_fraction,
                    help="share of the ratings, by time, in the test split (the latest)")
-    p.add_argument("--min-genre-share", type=fraction, default=DEFAULTS.min_genre_share,
+    p.add_argument("--min-genre-share", type=split_fraction, default=DEFAULTS.min_genre_share,
                    help="primary genres with a smaller share of the training ratings are grouped into 'other'")
     p.add_argument("--max-users", type=int_at_least(1), default=None,
                    help="keep only the users with the smallest ids (quick runs); default: all")

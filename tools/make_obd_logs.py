@@ -16,21 +16,11 @@ import argparse
 import os
 import sys
 
-from engine.cli import HelpFormatter, int_at_least
+from engine.cli import HelpFormatter, int_at_least, split_fraction
 from engine.data.obd_logs import ObdLogsConfig, format_logs_summary, write_logs
 
 PROG = os.path.basename(__file__)
 DEFAULTS = ObdLogsConfig()
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood-domains", nargs="*", default=list(DEFAULTS.ood_domains), metavar="DOMAIN",
                    help="logs marked out-of-domain in the manifest, held out of continued pre-training "
                    "(obd/<policy>/<campaign> or <policy>/<campaign>; none: give the flag alone)")
-    p.add_argument("--valid-fraction", type=fraction, default=DEFAULTS.valid_fraction,
+    p.add_argument("--valid-fraction", type=split_fraction, default=DEFAULTS.valid_fraction,
                    help="share of each log's rows, by time, in the valid split (before the test split)")
-    p.add_argument("--test-fraction", type=fraction, default=DEFAULTS.test_fraction,
+    p.add_argument("--test-fraction", type=split_fraction, default=DEFAULTS.test_fraction,
                    help="share of each log's rows, by time, in the test split (the latest)")
     p.add_argument("--seed", type=int_at_least(0), default=DEFAULTS.seed, help="the order of records within each file")
     p.add_argument("--hash-chars", type=int_at_least(0), default=DEFAULTS.hash_chars,
