@@ -21,21 +21,11 @@ import dataclasses
 import os
 import sys
 
-from engine.cli import HelpFormatter, int_at_least
+from engine.cli import HelpFormatter, int_at_least, positive_float
 from engine.demo import DemoConfig, run_data_demo, run_demo
 
 PROG = os.path.basename(__file__)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoConfig) if f.default is not dataclasses.MISSING}
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
 
 
 def model_override(text: str) -> tuple[str, str]:

@@ -22,19 +22,9 @@ import sys
 
 import yaml
 
-from engine.cli import HelpFormatter, int_at_least
+from engine.cli import HelpFormatter, int_at_least, positive_float
 
 positive_int = int_at_least(1, "a positive integer")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
