@@ -186,7 +186,7 @@ class ExperimentConfig:
 
 
 def preset(name: str) -> dict:
-    """ExperimentConfig fields of a named setting: ``quick`` (2 CPU cores, about 10 minutes) or
+    """ExperimentConfig fields of a named setting: ``quick`` (2 CPU cores, about 18 minutes) or
     ``full`` (a GPU machine or a cluster: a wider model, 5x the records, longer runs, more seeds)."""
     # SFT: about one epoch of the main arms' 500 records at 3e-4, chosen on the validation split: 200
     # steps at 1e-3 (6 epochs) overfit, and after CT they undid what CT had learned (in-domain AUC
