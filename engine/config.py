@@ -245,6 +245,8 @@ class TrainConfig:
     """Recompute each layer's activations in the backward pass instead of storing them."""
     log_interval: int = 10
     """Steps between log lines (and metrics.jsonl records)."""
+    loss_curve: bool = True
+    """Draw loss_curve.png from metrics.jsonl when the run ends (needs matplotlib)."""
     eval_interval: int = 0
     """Steps between validation-loss evaluations on data.valid; 0: never."""
     eval_iters: int = 10

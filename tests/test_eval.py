@@ -304,6 +304,11 @@ def test_evaluate_writes_its_files_and_the_metrics_of_its_predictions(sft, tiny_
     assert report["tasks"]["ads/ctr/click"]["metrics"]["log_loss"]["value"] == pytest.approx(log_loss(labels, probs))
     assert report["tasks"]["ads/ctr/click"]["bayes"]["accuracy"] is not None
     assert report["records_per_s"] > 0
+    bare = tmp_path / "no_plots"  # the experiment's evaluations: its report draws the plots
+    assert tool.main(["--load", sft["ckpt"], "--data", sft["valid"], "--out", str(bare), "--bootstrap", "50",
+                      "--in-domain", "ads/ctr", "ads/cpc", "ads/impressions", "--no-plots", "--no-progress"]) == 0
+    assert sorted(os.listdir(bare)) == ["eval.json", "predictions.jsonl"]
+    assert json.loads((bare / "eval.json").read_text())["tasks"] == report["tasks"]
 
 
 def test_evaluate_under_torchrun_at_pp2_gives_the_single_process_predictions(sft, tmp_path):

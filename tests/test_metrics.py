@@ -16,6 +16,7 @@ from engine.train import metrics
 from engine.train.metrics import (DEVICE_PEAK_BF16_TFLOPS, MetricsWriter, StepMetrics, device_peak_tflops,
                                   format_log_line, memory_gib, mfu_unknown_text, model_flops_per_token,
                                   peak_bf16_tflops_for_name, plot_loss_curve, read_metrics)
+from run_utils import tiny_data, tiny_run_config, train_in_process  # noqa: F401
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32)
@@ -313,3 +314,12 @@ def test_loss_curve_is_skipped_without_matplotlib(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     assert plot_loss_curve(path, tmp_path / "loss.png") is False
     assert not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("draw", [True, False])
+def test_a_run_draws_its_loss_curve_unless_told_not_to(tiny_data, tmp_path, draw):  # noqa: F811
+    pytest.importorskip("matplotlib")
+    save = tmp_path / "run"
+    train_in_process(tiny_run_config(tiny_data, save, train={"iters": 2, "loss_curve": draw}))
+    assert (save / "loss_curve.png").exists() is draw
+    assert [r["iteration"] for r in read_metrics(save / "metrics.jsonl") if "loss" in r] == [1, 2]

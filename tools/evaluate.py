@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=positive_int, default=None, help="evaluate at most this many "
                    "records, taken from the input files in turn")
     p.add_argument("--out", default=None, help="folder for eval.json, predictions.jsonl, roc.png, calibration.png")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw roc.png and calibration.png under --out")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model dtype")
     p.add_argument("--bootstrap", type=int_at_least(2, "an integer >= 2"), default=1000,
                    help="bootstrap resamples per interval")
@@ -70,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = EvalConfig(load=args.load, data=args.data, tokenizer=args.tokenizer, reward_bins=args.reward_bins,
                      in_domain=args.in_domain, add_bos=args.add_bos, tp=args.tp, pp=args.pp,
-                     batch_size=args.batch_size, max_records=args.max_records, out=args.out, dtype=args.dtype,
-                     resamples=args.bootstrap, seed=args.seed, progress=not args.no_progress)
+                     batch_size=args.batch_size, max_records=args.max_records, out=args.out, plots=args.plots,
+                     dtype=args.dtype, resamples=args.bootstrap, seed=args.seed, progress=not args.no_progress)
     try:
         with signals_raise_interrupted():  # torchrun stops ranks with SIGTERM: unwind, no traceback
             run_evaluation(cfg)

@@ -10,7 +10,7 @@
 Arms, each from one base checkpoint with the same SFT budget and settings: A SFT only; B LTU (CT on
 the SAR logs of other domains, then SFT); C control (CT on the same logs with rewards shuffled across
 records); D compute-matched SFT only (CT + SFT steps); F CT with general text blended in (25% and 50%
-of tokens). Several seeds, paired; a data-efficiency curve (A and B from a few dozen SFT records to
+of tokens; --quick 50% only). Several seeds, paired; a data-efficiency curve (A and B from a few dozen SFT records to
 all) and a dose-response (B - A as the domains share less structure). Every run is an ordinary
 tools/pretrain.py, tools/evaluate.py or data-tool command with its own output directory; report.md
 lists them all. Completed runs are reused when the same command is planned again. Writes report.md,

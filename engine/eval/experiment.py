@@ -14,7 +14,7 @@ held-out domain ``shop/purchase``:
   then SFT: the same text, format and reward marginals, no decision-reward link.
 - **D** compute-matched SFT only: as many SFT optimizer steps as B's CT + SFT.
 - **F** CT with general text blended in (``text_shares`` of the CT tokens, 25% and 50% by
-  default: Python's documentation, :mod:`engine.eval.experiment_data`), then SFT.
+  default, 50% in ``quick``: Python's documentation, :mod:`engine.eval.experiment_data`), then SFT.
 
 Every arm is run for each seed (the seed sets the CT and SFT data order; every arm starts from the
 same base weights, so arms are paired seed by seed). A data-efficiency curve repeats A and B with
@@ -194,7 +194,8 @@ def preset(name: str) -> dict:
     if name == "quick":
         return dict(seeds=(1, 2, 3), records_per_domain=4000, valid_per_domain=1000, test_per_domain=1000,
                     sft_records=500, curve_sizes=(50, 500, 4000), curve_seeds=1, dose_levels=(0.0, 0.5),
-                    dose_seeds=1, ct=Stage(1000, 8, 8, 128, 3e-3, 3e-4, 30), sft=Stage(30, 16, 16, 80, 3e-4, 3e-5, 10),
+                    dose_seeds=1, text_shares=(0.5,), ct=Stage(1000, 8, 8, 128, 3e-3, 3e-4, 30),
+                    sft=Stage(30, 16, 16, 80, 3e-4, 3e-5, 10),
                     model={"preset": "tiny"}, dtype="fp32", jobs=2, threads_per_job=1, bootstrap=1000)
     if name == "full":
         return dict(seeds=(1, 2, 3, 4, 5), records_per_domain=20000, valid_per_domain=2000, test_per_domain=5000,
@@ -366,7 +367,7 @@ class PlanBuilder:
                  "--train.lr", f"{stage.lr:g}", "--train.min_lr", f"{stage.min_lr:g}",
                  "--train.warmup_iters", str(min(stage.warmup_iters, iters)), "--train.lr_decay", "cosine",
                  "--train.dtype", cfg.dtype, "--train.seed", str(seed), "--train.log_interval", str(max(1, iters // 5)),
-                 "--train.eval_interval", str(iters), "--train.eval_iters", "2",
+                 "--train.eval_interval", str(iters), "--train.eval_iters", "2", "--train.loss_curve", "false",
                  "--checkpoint.init", init, "--checkpoint.save", save, "--checkpoint.interval", "0"]
         return argv
 
@@ -422,7 +423,7 @@ class PlanBuilder:
         argv = [*cfg.launcher, "tools/evaluate.py", "--load", load, "--data", *files, "--reward-bins", world["bins"],
                 "--in-domain", cfg.target, *(["--tokenizer", self.tokenizer] if cfg.base else []),
                 "--batch-size", str(cfg.eval_batch_size), "--bootstrap", str(cfg.eval_bootstrap), "--seed", "0",
-                "--out", out, "--no-progress"]
+                "--out", out, "--no-plots", "--no-progress"]  # the report draws its own plots
         outputs = [os.path.join(out, "eval.json"), os.path.join(out, "predictions.jsonl")]
         return self.add(name, argv, [train_job], outputs, out, kind="eval", stage="eval", train_job=train_job, **info)
 

@@ -46,6 +46,7 @@ class EvalConfig:
     batch_size: int = 8
     max_records: int | None = None
     out: str | None = None
+    plots: bool = True                      # roc.png and calibration.png beside eval.json
     dtype: str = "fp32"
     resamples: int = DEFAULT_RESAMPLES
     seed: int = 0
@@ -195,16 +196,14 @@ def run_evaluation(cfg: EvalConfig, log=print) -> dict | None:
     log(f"scored {plan.num_records} records ({len(plan.spans)} rewards) in {seconds['score']:.2f} s: "
         f"{report['records_per_s']:.1f} records/s (model load {seconds['load']:.2f} s)")
     if cfg.out:
-        for path in write_outputs(cfg.out, report, predictions):
+        for path in write_outputs(cfg.out, report, predictions, plots=cfg.plots):
             log(f"wrote {path}")
     return report
 
 
-def write_outputs(out_dir: str, report: dict, predictions: list) -> list[str]:
-    """``eval.json``, ``predictions.jsonl``, ``roc.png`` and ``calibration.png`` under ``out_dir``,
-    each written whole or not at all."""
-    from engine.eval.plots import plot_calibration, plot_roc
-
+def write_outputs(out_dir: str, report: dict, predictions: list, plots: bool = True) -> list[str]:
+    """``eval.json``, ``predictions.jsonl`` and (with ``plots``) ``roc.png`` and ``calibration.png``
+    under ``out_dir``, each written whole or not at all."""
     if os.path.isfile(os.path.join(out_dir, CHECKPOINT_JSON)) or os.path.isfile(os.path.join(out_dir, "latest")):
         raise ScoringError(f"--out {out_dir} is a checkpoint directory: write the evaluation elsewhere")
     os.makedirs(out_dir, exist_ok=True)
@@ -212,8 +211,13 @@ def write_outputs(out_dir: str, report: dict, predictions: list) -> list[str]:
     with atomic_open(paths[1]) as fh:
         for p in predictions:
             fh.write(json.dumps(p.to_json(), separators=(",", ":")) + "\n")
-    tasks = group_tasks(predictions)
-    plot_roc(tasks, paths[2])
-    plot_calibration(tasks, paths[3])
+    if plots:
+        from engine.eval.plots import plot_calibration, plot_roc  # matplotlib only when drawing
+
+        tasks = group_tasks(predictions)
+        plot_roc(tasks, paths[2])
+        plot_calibration(tasks, paths[3])
+    else:
+        paths = paths[:2]
     write_json_atomic(paths[0], report)  # last: its presence says the others are complete
     return paths

@@ -416,7 +416,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
             png = os.path.join(cfg.checkpoint.save, "loss_curve.png")
-            if plot_loss_curve(os.path.join(cfg.checkpoint.save, "metrics.jsonl"), png):
+            if cfg.train.loss_curve and plot_loss_curve(os.path.join(cfg.checkpoint.save, "metrics.jsonl"), png):
                 summary["loss_curve"] = png
         self.log(f"done: {rs.iteration} iterations in {elapsed:.1f} s; final loss {rs.last_loss}; "
                  f"valid loss {rs.last_valid_loss}; skipped {rs.skipped_total}"
