@@ -274,6 +274,13 @@ def test_model_flag_reaches_every_training_run():
     assert proc.returncode == 0, proc.stderr
     trains = [line for line in proc.stdout.splitlines() if "tools/pretrain.py" in line]
     assert trains and all("--model.preset tiny --model.hidden_size 128 " in line for line in trains)
+    # The plan's size, last: every training run counted, and per arm steps and tokens by hand
+    # (quick: CT 1000 steps of 8 x 128 tokens, SFT 30 steps of 16 x 80; D: 1000 + 30 SFT steps).
+    runs = [line for line in proc.stdout.splitlines() if line.startswith("# ") and " -> " in line]
+    assert f"# {len(runs)} runs: {len(trains) - 1} training " in proc.stdout  # and the base: 1 step at lr 0
+    per_arm = dict(line.split(": ") for line in proc.stdout.splitlines() if line.startswith("#   "))
+    assert per_arm["#   B"] == per_arm["#   C"] == f"1000 30 {1000 * 8 * 128 + 30 * 16 * 80:,}"
+    assert per_arm["#   A"] == f"0 30 {30 * 16 * 80:,}" and per_arm["#   D"] == f"0 1030 {1030 * 16 * 80:,}"
     proc = subprocess.run([sys.executable, TOOL, "subset", "--input", "nope.jsonl", "--output", "x", "--records", "2"],
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=_env())
     assert proc.returncode == 1 and proc.stderr.startswith("ltu_experiment.py subset: error: ")

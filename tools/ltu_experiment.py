@@ -212,6 +212,19 @@ def experiment_config(args: argparse.Namespace):
     return ExperimentConfig(setting=name, **fields)
 
 
+def print_planned_work(cfg, plan: dict) -> None:
+    """The plan's size: its runs, and each arm's steps and tokens per seed at the main setting."""
+    from engine.eval.experiment_report import planned_work
+
+    kinds = [job.info.get("kind") for job in plan.values()]
+    tokens = sum(job.info["tokens"] for job in plan.values() if job.info.get("kind") == "train")
+    print(f"# {len(plan)} runs: {kinds.count('train')} training ({tokens:,} tokens in all), "
+          f"{kinds.count('eval')} evaluations, {len(plan) - kinds.count('train') - kinds.count('eval')} data steps")
+    print("# per arm and seed at the main setting: arm, CT steps, SFT steps, tokens (CT + SFT)")
+    for label, row in planned_work(cfg, plan).items():
+        print(f"#   {label}: {row.get('ct_steps', 0)} {row.get('sft_steps', 0)} {row['tokens']:,}")
+
+
 def run_main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -223,8 +236,10 @@ def run_main(argv: list[str]) -> int:
     except ExperimentError as exc:
         parser.error(str(exc))
     if args.dry_run:
-        for job in build_plan(cfg).values():
+        plan = build_plan(cfg)
+        for job in plan.values():
             print(f"# {job.name} -> {job.out_dir}\n{job.command()}")
+        print_planned_work(cfg, plan)
         return 0
     from engine.eval.experiment_report import run_experiment
 

@@ -17,7 +17,8 @@ import time
 from collections import defaultdict
 from types import SimpleNamespace
 
-from engine.eval.experiment import ARM_NAMES, REPO, ExperimentConfig, Job, JobResult, _abs
+from engine.eval.experiment import ARM_NAMES, REPO, ExperimentConfig, Job, build_plan
+from engine.eval.experiment_runner import JobResult, Runner, _abs
 from engine.eval.experiment_stats import interval_above_zero, mean_interval, paired_bootstrap, paired_difference
 from engine.eval.metrics import group_tasks
 from engine.fileio import write_json_atomic, write_text_atomic
@@ -228,30 +229,43 @@ def before_sft_summary(cells: dict, cfg: ExperimentConfig, cache: dict | None = 
     return out
 
 
+def _main_setting_runs(cfg: ExperimentConfig, jobs: dict[str, Job]):
+    """(job, arm label) of each CT run and each SFT and evaluation run of the main SFT set, at the
+    main shared structure."""
+    for job in jobs.values():
+        info = job.info
+        if info.get("level") == cfg.shared_structure and (
+                info.get("stage") == "ct" or
+                (info.get("stage") in ("sft", "eval") and info.get("records") == cfg.sft_records)):
+            yield job, info["label"]
+
+
+def planned_work(cfg: ExperimentConfig, jobs: dict[str, Job]) -> dict[str, dict]:
+    """Per arm at the main setting, from the plan alone: optimizer steps and tokens of its CT and
+    SFT, and their sums."""
+    out = defaultdict(dict)
+    for job, label in _main_setting_runs(cfg, jobs):
+        stage = job.info["stage"]
+        if stage in ("ct", "sft"):
+            out[label].update({f"{stage}_steps": job.info["iters"], f"{stage}_tokens": job.info["tokens"]})
+    for row in out.values():
+        row["steps"] = row.get("ct_steps", 0) + row.get("sft_steps", 0)
+        row["tokens"] = row.get("ct_tokens", 0) + row.get("sft_tokens", 0)
+    return dict(out)
+
+
 def costs(cfg: ExperimentConfig, jobs: dict[str, Job], results: dict[str, JobResult]) -> dict:
     """Per arm at the main setting: mean seconds of its CT, SFT and evaluation runs over seeds, and
     its optimizer steps and tokens."""
     per = defaultdict(lambda: defaultdict(list))
-    steps = defaultdict(dict)
-    for job in jobs.values():
-        info = job.info
-        if info.get("level") != cfg.shared_structure or job.name not in results:
-            continue
-        if info.get("stage") == "ct":
-            label = info["label"]
-            per[label]["ct_s"].append(results[job.name].seconds)
-            steps[label].update(ct_steps=info["iters"], ct_tokens=info["tokens"])
-        elif info.get("stage") in ("sft", "eval") and info.get("records") == cfg.sft_records:
-            label = info["label"]
-            per[label][f"{info['stage']}_s"].append(results[job.name].seconds)
-            if info["stage"] == "sft":
-                steps[label].update(sft_steps=info["iters"], sft_tokens=info["tokens"])
+    for job, label in _main_setting_runs(cfg, jobs):
+        if job.name in results:
+            per[label][f"{job.info['stage']}_s"].append(results[job.name].seconds)
+    work = planned_work(cfg, jobs)
     out = {}
     for label, values in per.items():
         row = {k: sum(v) / len(v) for k, v in values.items()}
-        row.update(steps[label])
-        row["steps"] = row.get("ct_steps", 0) + row.get("sft_steps", 0)
-        row["tokens"] = row.get("ct_tokens", 0) + row.get("sft_tokens", 0)
+        row.update(work[label])
         row["seconds"] = row.get("ct_s", 0) + row.get("sft_s", 0) + row.get("eval_s", 0)
         out[label] = row
     out["all_runs_s"] = sum(r.seconds for r in results.values())
@@ -484,8 +498,6 @@ def write_report(out: str, report: dict) -> dict[str, str]:
 def run_experiment(cfg: ExperimentConfig, command: str, log=print, notes: str | None = None) -> dict:
     """Plan, run (reusing completed runs), summarize and write the report; returns report.json's dict
     with the written paths under ``"written"``; ``notes`` (Markdown) is shown under "What the numbers show"."""
-    from engine.eval.experiment import Runner, build_plan
-
     began = time.time()
     jobs = build_plan(cfg)
     log(f"ltu experiment ({cfg.setting}): {len(jobs)} runs, {cfg.jobs} at a time; runs under {cfg.work}, "
