@@ -16,7 +16,8 @@ import torch
 from scipy import stats
 from sklearn.metrics import log_loss, roc_auc_score
 
-from engine.eval.experiment import REPO, ExperimentConfig, ExperimentError, Stage, build_plan, preset
+from engine.eval.experiment import REPO, ExperimentConfig, ExperimentError, Job, Stage, build_plan, preset
+from engine.eval.experiment_runner import Runner, critical_path_order
 from engine.eval.experiment_data import (ExperimentDataError, general_text_documents, shuffle_rewards,
                                          write_general_text, write_subset)
 from engine.eval.experiment_report import _holds
@@ -275,15 +276,30 @@ def test_model_flag_reaches_every_training_run():
     trains = [line for line in proc.stdout.splitlines() if "tools/pretrain.py" in line]
     assert trains and all("--model.preset tiny --model.hidden_size 128 " in line for line in trains)
     # The plan's size, last: every training run counted, and per arm steps and tokens by hand
-    # (quick: CT 1000 steps of 8 x 128 tokens, SFT 30 steps of 16 x 80; D: 1000 + 30 SFT steps).
+    # (quick: CT 800 steps of 8 x 128 tokens, SFT 30 steps of 16 x 80; D: 800 + 30 SFT steps).
     runs = [line for line in proc.stdout.splitlines() if line.startswith("# ") and " -> " in line]
     assert f"# {len(runs)} runs: {len(trains) - 1} training " in proc.stdout  # and the base: 1 step at lr 0
     per_arm = dict(line.split(": ") for line in proc.stdout.splitlines() if line.startswith("#   "))
-    assert per_arm["#   B"] == per_arm["#   C"] == f"1000 30 {1000 * 8 * 128 + 30 * 16 * 80:,}"
-    assert per_arm["#   A"] == f"0 30 {30 * 16 * 80:,}" and per_arm["#   D"] == f"0 1030 {1030 * 16 * 80:,}"
+    assert per_arm["#   B"] == per_arm["#   C"] == f"800 30 {800 * 8 * 128 + 30 * 16 * 80:,}"
+    assert per_arm["#   A"] == f"0 30 {30 * 16 * 80:,}" and per_arm["#   D"] == f"0 830 {830 * 16 * 80:,}"
     proc = subprocess.run([sys.executable, TOOL, "subset", "--input", "nope.jsonl", "--output", "x", "--records", "2"],
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=_env())
     assert proc.returncode == 1 and proc.stderr.startswith("ltu_experiment.py subset: error: ")
+
+
+def test_runner_starts_the_costliest_chain_first(tmp_path):
+    order = tmp_path / "order.txt"
+
+    def job(name, deps, tokens=None):
+        argv = ["python", "-c", f"open({str(order)!r}, 'a').write({name!r} + ' ')"]
+        return Job(name, argv, deps, [], str(tmp_path), {} if tokens is None else {"tokens": tokens})
+
+    # Plan order lists the short job first; the data step heads the chain with the training run.
+    jobs = {j.name: j for j in (job("short", []), job("data", []), job("train", ["data"], 1000),
+                                job("eval", ["train"]))}
+    assert critical_path_order(jobs) == ["data", "train", "short", "eval"]
+    results = Runner(jobs, str(tmp_path / "work"), parallel=1, log=lambda _: None).run()
+    assert order.read_text().split() == ["data", "train", "short", "eval"] and not any(r.reused for r in results.values())
 
 
 # ---------------------------------------------------------------------------- a tiny real run

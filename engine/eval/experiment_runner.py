@@ -29,11 +29,28 @@ class JobResult:
     log: str
 
 
+def critical_path_order(jobs: dict[str, Job]) -> list[str]:
+    """Job names, those heading the costliest chain of dependent jobs first (plan order among
+    equals). A job's cost is the tokens it trains on (evaluations and data steps about nothing), so
+    the long CT runs start early and short jobs fill the cores at the end instead of one long run
+    finishing alone."""
+    children: dict[str, list[str]] = {name: [] for name in jobs}
+    for name, job in jobs.items():
+        for dep in job.deps:
+            children[dep].append(name)
+    chain: dict[str, int] = {}
+    for name in reversed(list(jobs)):  # plan order puts every job after its dependencies
+        chain[name] = jobs[name].info.get("tokens", 0) + 1 + max((chain[c] for c in children[name]), default=0)
+    position = {name: i for i, name in enumerate(jobs)}
+    return sorted(jobs, key=lambda name: (-chain[name], position[name]))
+
+
 class Runner:
     """Runs a plan's jobs as subprocesses from the repository root, ``parallel`` at a time, each after
-    the jobs it depends on. A job whose record says the same command already succeeded (and whose
-    outputs exist) is reused, unless a job it depends on ran again. The first failure stops the
-    others and raises ExperimentError with the command and the end of its log."""
+    the jobs it depends on, those heading the costliest chains first (:func:`critical_path_order`).
+    A job whose record says the same command already succeeded (and whose outputs exist) is reused,
+    unless a job it depends on ran again. The first failure stops the others and raises
+    ExperimentError with the command and the end of its log."""
 
     def __init__(self, jobs: dict[str, Job], work: str, parallel: int = 1, threads_per_job: int | None = 1,
                  log=print):
@@ -74,7 +91,7 @@ class Runner:
 
     def run(self) -> dict[str, JobResult]:
         results: dict[str, JobResult] = {}
-        pending = list(self.jobs)
+        pending = critical_path_order(self.jobs)
         running: dict[str, tuple] = {}
         total = len(pending)
         try:
