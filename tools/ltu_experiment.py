@@ -56,7 +56,7 @@ def _floats(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     setting = p.add_mutually_exclusive_group()
-    setting.add_argument("--quick", action="store_true", help="the 2-CPU-core setting (about 18 minutes on 2 shared cores)")
+    setting.add_argument("--quick", action="store_true", help="the 2-CPU-core setting (about 11 minutes on 2 idle cores)")
     setting.add_argument("--full", action="store_true", help="the GPU / cluster setting")
     p.add_argument("--out", default=None, help="folder for report.md, report.json and plots "
                    "(default: <work>/report)")

@@ -180,12 +180,12 @@ class ExperimentConfig:
 
 
 def preset(name: str) -> dict:
-    """ExperimentConfig fields of a named setting: ``quick`` (2 CPU cores, about 18 minutes) or
+    """ExperimentConfig fields of a named setting: ``quick`` (2 CPU cores, about 11 minutes) or
     ``full`` (a GPU machine or a cluster: a wider model, 5x the records, longer runs, more seeds)."""
     # SFT: about one epoch of the main arms' 500 records at 3e-4, chosen on the validation split: 200
     # steps at 1e-3 (6 epochs) overfit, and after CT they undid what CT had learned (in-domain AUC
     # 0.603 zero-shot, 0.553 after SFT, against 0.620 at 30 steps of 3e-4).
-    # quick: 800 CT steps and one general-text share, to finish in about 10 minutes on 2 cores. At
+    # quick: 800 CT steps and one general-text share, to finish in about 11 minutes on 2 cores. At
     # that budget CT learns little (1000 steps closed 3% of the CT domains' reward log-loss; 12000,
     # about 40%), so quick checks the pipeline; --ct-iters 12000 is the run that tests LTU.
     if name == "quick":
